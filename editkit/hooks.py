@@ -1,0 +1,76 @@
+"""Hook points with restore guarantees.
+
+Every forward hook and every weight change in editkit lives in one of these
+context managers, so an exception inside the block (a keyboard interrupt during a
+sweep, an OOM) always leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["capture_input", "capture_output", "add_at_positions", "restored_weights"]
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@contextmanager
+def capture_input(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the (first positional) input of ``module`` on every call."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the output (hidden states for a block) of ``module`` on every call."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(_first(out)))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def add_at_positions(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
+                     delta: Callable[[], torch.Tensor] | torch.Tensor) -> Iterator[None]:
+    """Add ``delta[i]`` to ``module``'s output at ``(rows[i], cols[i])``.
+
+    ``delta`` may be a callable evaluated at forward time, so an optimizer can
+    update the underlying parameter between calls.
+    """
+
+    def hook(m, args, out):
+        d = delta() if callable(delta) else delta
+        h = _first(out)
+        idx = (rows.to(h.device), cols.to(h.device))
+        h = h.index_put(idx, h[idx] + d.to(device=h.device, dtype=h.dtype))
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def restored_weights(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Snapshot the ``weight`` of each module and put it back, bit for bit, on exit."""
+    saved = [m.weight.detach().clone() for m in modules]
+    try:
+        yield saved
+    finally:
+        with torch.no_grad():
+            for m, w in zip(modules, saved):
+                m.weight.copy_(w)

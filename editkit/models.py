@@ -1,0 +1,264 @@
+"""Model loading and architecture adapters.
+
+An *adapter* names, as module-path templates, the handful of places that
+locate-and-edit needs in a causal LM: the transformer blocks, the edited linear
+layer (the MLP's out-projection, whose input is the key ``k`` and whose output is
+the value ``v``), the final norm and the unembedding. Everything else in editkit is
+architecture-agnostic and talks to the model only through a :class:`LanguageModel`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Adapter",
+    "ADAPTERS",
+    "LanguageModel",
+    "UnknownArchitectureError",
+    "ModelUnavailableError",
+    "load_model",
+    "resolve_dtype",
+]
+
+
+class UnknownArchitectureError(ValueError):
+    """The model's ``config.model_type`` has no adapter."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model could not be loaded (offline, missing path, ...)."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Module-path templates for one architecture family.
+
+    ``{}`` in ``block`` / ``edit_module`` is the layer index. ``conv1d`` marks
+    GPT-2's ``Conv1D`` whose stored weight is the transpose (d_in × d_out) of the
+    linear map ``W`` (d_out × d_in) used in the equations.
+    """
+
+    family: str
+    blocks: str
+    edit_module: str
+    final_norm: str
+    unembed: str = "lm_head"
+    conv1d: bool = False
+
+    def block(self, layer: int) -> str:
+        return f"{self.blocks}.{layer}"
+
+    def edited(self, layer: int) -> str:
+        return self.edit_module.format(layer)
+
+
+_GPT2 = Adapter("gpt2", "transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", conv1d=True)
+_GPTJ = Adapter("gptj", "transformer.h", "transformer.h.{}.mlp.fc_out", "transformer.ln_f")
+_NEOX = Adapter("gpt_neox", "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", unembed="embed_out")
+_LLAMA = Adapter("llama", "model.layers", "model.layers.{}.mlp.down_proj", "model.norm")
+
+#: ``config.model_type`` → adapter. Copy one and pass ``adapter=`` to ``load_model``
+#: (or ``LanguageModel(..., adapter=...)``) for an architecture not listed here.
+ADAPTERS: dict[str, Adapter] = {
+    "gpt2": _GPT2,
+    "gptj": _GPTJ,
+    "gpt_neox": _NEOX,
+    "llama": _LLAMA,
+    "mistral": Adapter("mistral", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
+    "qwen2": Adapter("qwen2", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
+    "gemma": Adapter("gemma", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
+}
+
+
+def adapter_for(config: Any) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type in ADAPTERS:
+        return ADAPTERS[model_type]
+    raise UnknownArchitectureError(
+        f"No editkit adapter for model_type={model_type!r}. Supported: {', '.join(sorted(ADAPTERS))}. "
+        "For another architecture pass explicit module templates, e.g. "
+        "ek.load_model(path, adapter=ek.Adapter(family='mine', blocks='model.layers', "
+        "edit_module='model.layers.{}.mlp.down_proj', final_norm='model.norm'))."
+    )
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM, its fast tokenizer and its adapter.
+
+    ``cache`` holds per-model derived data (context prefixes) so that nothing
+    is kept in module-level state; it is dropped with the object.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter | None = None
+    name: str = "model"
+    cache: dict = field(default_factory=dict, repr=False)
+    edits: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            self.adapter = adapter_for(self.model.config)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                "tokenizer must be a *fast* (Rust) tokenizer: editkit locates subject and target "
+                "tokens from character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+            )
+        if self.tokenizer.pad_token_id is None:
+            # Padding positions are always masked out; any id works.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "right"
+        self.model.eval()
+        # Resolve every template once so a wrong override fails here, not mid-edit.
+        self.module(self.adapter.edited(0))
+        self.module(self.adapter.final_norm)
+
+    # --- structure -------------------------------------------------------
+    def module(self, path: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            raise UnknownArchitectureError(
+                f"adapter {self.adapter.family!r}: module {path!r} not found in {type(self.model).__name__}; "
+                "fix the module templates of the adapter"
+            ) from None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.module(self.adapter.blocks))
+
+    def block(self, layer: int) -> nn.Module:
+        self._check_layer(layer)
+        return self.module(self.adapter.block(layer))
+
+    def edit_module(self, layer: int) -> nn.Module:
+        self._check_layer(layer)
+        return self.module(self.adapter.edited(layer))
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= int(layer) < self.n_layers:
+            raise ValueError(f"layer={layer} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (first shard under device_map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # --- the edited weight, always in equation orientation (d_out × d_in) ---
+    def weight(self, layer: int) -> torch.Tensor:
+        """``W`` of the edited layer as d_out × d_in (a view; GPT-2 Conv1D is transposed)."""
+        w = self.edit_module(layer).weight
+        return w.T if self.adapter.conv1d else w
+
+    def d_in(self, layer: int = 0) -> int:
+        return self.weight(layer).shape[1]
+
+    def d_out(self, layer: int = 0) -> int:
+        return self.weight(layer).shape[0]
+
+    def fingerprint(self, upto_layer: int | None = None) -> str:
+        """A cheap identity for caches: name, config and a float64 checksum of the
+        parameters that feed ``upto_layer`` (so edited weights give a new key)."""
+        import hashlib
+
+        h = hashlib.sha256(self.name.encode())
+        h.update(self.model.config.to_json_string(use_diff=False).encode())
+        prefix_stop = self.adapter.block(upto_layer + 1) if upto_layer is not None else None
+        with torch.no_grad():
+            for pname, p in self.model.named_parameters():
+                if prefix_stop is not None and self._after(pname, upto_layer):
+                    continue
+                h.update(pname.encode())
+                h.update(f"{p.double().sum().item():.17g}{p.double().abs().sum().item():.17g}".encode())
+        return h.hexdigest()[:16]
+
+    def _after(self, pname: str, layer: int) -> bool:
+        prefix = self.adapter.blocks + "."
+        if not pname.startswith(prefix):
+            return pname.startswith(self.adapter.final_norm) or pname.startswith(self.adapter.unembed)
+        return int(pname[len(prefix):].split(".")[0]) > layer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    adapter: Adapter | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> LanguageModel:
+    """Load a causal LM and its fast tokenizer.
+
+    ``name_or_path`` is a Hugging Face Hub id, a local checkpoint directory, or an
+    embedded world model (``"world-gpt2"``, ``"world-llama"``). ``device_map``
+    (e.g. ``"auto"``) spreads a large model over several devices; otherwise the
+    model is moved to ``device`` (default: CUDA when available, else CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    if name.startswith("world-"):
+        from .world import world_model_path
+
+        path = world_model_path(name)
+        name_or_path = path
+    torch_dtype = resolve_dtype(dtype)
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    local = Path(name_or_path).exists()
+    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelUnavailableError(
+            f"model path {name!r} does not exist; pass an existing checkpoint directory or a Hub id like 'gpt2-xl'"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise ModelUnavailableError(
+            f"could not load model {name!r}: {exc}\n"
+            "If this is a Hub id, the Hugging Face Hub must be reachable (or the model already in the "
+            "local HF cache; set HF_HUB_OFFLINE=1 to use the cache only). Otherwise pass a local "
+            "checkpoint directory, or use an embedded model: 'world-gpt2' / 'world-llama'."
+        ) from exc
+    if device_map is None and device is not None:
+        model.to(device)
+    return LanguageModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name)
