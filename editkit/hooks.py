@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["capture_input", "capture_output", "add_at_positions", "restored_weights"]
+__all__ = ["capture_input", "capture_output", "add_at_positions", "restored_weights", "no_param_grads", "stop_after",
+           "StopForward"]
 
 
 def _first(x):
@@ -74,3 +75,37 @@ def restored_weights(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
         with torch.no_grad():
             for m, w in zip(modules, saved):
                 m.weight.copy_(w)
+
+
+@contextmanager
+def no_param_grads(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter (values are optimized through
+    the activations only), and put each flag back on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed activation is captured."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """End the forward pass right after ``module`` runs (saves the layers above it)."""
+
+    def hook(m, args, out):
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hub import hub_offline_reason, hub_reachable
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -243,21 +245,31 @@ def load_model(
         raise ModelUnavailableError(
             f"model path {name!r} does not exist; pass an existing checkpoint directory or a Hub id like 'gpt2-xl'"
         )
+    def _load(**extra):
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code, **extra)
+        mdl = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map,
+                                                   trust_remote_code=trust_remote_code, **extra, **kwargs)
+        return tok, mdl
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, use_fast=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=torch_dtype,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+        if local:
+            tokenizer, model = _load()
+        else:
+            try:  # the local HF cache first: no network needed for a model downloaded before
+                tokenizer, model = _load(local_files_only=True)
+            except OSError:
+                if not hub_reachable():
+                    raise ModelUnavailableError(
+                        f"model {name!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+                        f"({hub_offline_reason()}). Download it once with network access, pass a local "
+                        "checkpoint directory, or use an embedded model: 'world-gpt2' / 'world-llama'."
+                    ) from None
+                tokenizer, model = _load()
     except OSError as exc:
         raise ModelUnavailableError(
             f"could not load model {name!r}: {exc}\n"
-            "If this is a Hub id, the Hugging Face Hub must be reachable (or the model already in the "
-            "local HF cache; set HF_HUB_OFFLINE=1 to use the cache only). Otherwise pass a local "
-            "checkpoint directory, or use an embedded model: 'world-gpt2' / 'world-llama'."
+            "Pass a Hub id that exists, a local checkpoint directory, or an embedded model: "
+            "'world-gpt2' / 'world-llama'."
         ) from exc
     if device_map is None and device is not None:
         model.to(device)

@@ -1,0 +1,236 @@
+"""Second-moment statistics ``C0 = E[k kᵀ]`` at the edited layer's input.
+
+``C0`` stands for every key the edit should leave alone (the preservation term
+``‖Ŵ K0 − W K0‖² = tr(Δ K0 K0ᵀ Δᵀ)`` only needs ``K0 K0ᵀ``). It is streamed over a
+general text corpus, accumulated in float64 in a d_in × d_in buffer (memory
+independent of the number of samples), and cached on disk in safetensors, keyed
+by everything that affects it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .hooks import capture_input
+from .models import LanguageModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["second_moment", "SecondMomentInfo", "CorpusUnavailableError", "iter_corpus", "condition_number",
+           "cache_dir"]
+
+#: Hub datasets behind the short corpus names users type.
+HUB_CORPORA = {
+    "wikitext": ("wikitext", "wikitext-103-raw-v1", "train"),
+    "wikitext-103": ("wikitext", "wikitext-103-raw-v1", "train"),
+    "wikipedia": ("wikimedia/wikipedia", "20231101.en", "train"),
+}
+
+
+class CorpusUnavailableError(RuntimeError):
+    """The corpus for C0 could not be read (offline Hub, missing path)."""
+
+
+def cache_dir(kind: str) -> Path:
+    root = Path(os.environ.get("EDITKIT_CACHE", Path.home() / ".cache" / "editkit"))
+    path = root / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class SecondMomentInfo:
+    """What a C0 was computed from, and how usable it is."""
+
+    model: str
+    layer: int
+    corpus: str
+    n_samples: int
+    max_tokens: int | None
+    n_tokens: int
+    d_in: int
+    condition_number: float
+    min_eigenvalue: float
+    path: str | None = None
+
+
+def condition_number(C: torch.Tensor) -> tuple[float, float]:
+    """(λ_max / λ_min, λ_min) of a symmetric PSD matrix, in float64."""
+    ev = torch.linalg.eigvalsh(C.double())
+    lo, hi = ev[0].item(), ev[-1].item()
+    return (hi / lo if lo > 0 else float("inf")), lo
+
+
+def corpus_name(corpus: Any) -> str:
+    """A stable identity for a corpus argument (for cache keys and logs)."""
+    if isinstance(corpus, str):
+        p = Path(corpus)
+        if p.exists():
+            st = p.stat()
+            return f"path:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+        return corpus
+    texts = list(corpus)
+    h = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    return f"list:{len(texts)}:{h}"
+
+
+def iter_corpus(corpus: str | Sequence[str] | os.PathLike, n_samples: int | None = None) -> Iterator[str]:
+    """Yield non-empty texts from a corpus.
+
+    ``corpus`` is a list of strings, a local ``.txt`` file (one document per
+    non-empty line), ``.jsonl`` (a ``text`` field), a directory of those, the name
+    ``"world"`` (the embedded world's training corpus), or a Hub dataset name
+    (``"wikitext"``, ``"wikipedia"`` or any ``owner/name`` with a ``text`` column),
+    streamed through ``datasets``.
+    """
+    texts = _iter_corpus(corpus)
+    count = 0
+    for t in texts:
+        if t and t.strip():
+            yield t
+            count += 1
+            if n_samples is not None and count >= n_samples:
+                return
+
+
+def _iter_corpus(corpus: Any) -> Iterable[str]:
+    if isinstance(corpus, (list, tuple)):
+        return corpus
+    if not isinstance(corpus, (str, os.PathLike)):
+        return corpus  # any iterable of strings
+    name = str(corpus)
+    if name == "world":
+        from .world import world_corpus
+
+        return world_corpus("train")
+    path = Path(name).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+        return (t for f in files for t in _read_file(f))
+    if name.startswith((".", "/", "~")) or name.endswith((".txt", ".jsonl")):
+        raise CorpusUnavailableError(f"corpus path {name!r} does not exist; pass an existing .txt/.jsonl file or folder")
+    return _hub_texts(name)
+
+
+def _read_file(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if path.suffix == ".jsonl":
+                yield json.loads(line).get("text", "")
+            else:
+                yield line.rstrip("\n")
+
+
+def _hub_texts(name: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    from .hub import hub_offline_reason, hub_reachable
+
+    repo, config, split = HUB_CORPORA.get(name, (name, None, "train"))
+    if not hub_reachable():
+        raise CorpusUnavailableError(
+            f"corpus {name!r} is a Hugging Face Hub dataset ({repo!r}) and the Hub cannot be reached "
+            f"({hub_offline_reason()}). Offline, pass corpus= a local .txt/.jsonl file or folder, a list of "
+            "strings, or 'world' (the embedded world's corpus)."
+        )
+    try:
+        ds = load_dataset(repo, config, split=split, streaming=True)
+        first = iter(ds)
+        row = next(first)
+    except Exception as exc:  # datasets raises many types when offline
+        raise CorpusUnavailableError(
+            f"could not stream corpus {name!r} (Hub dataset {repo!r}) : {type(exc).__name__}: {exc}\n"
+            "The Hugging Face Hub must be reachable for a Hub corpus. Offline, pass corpus= a local .txt/.jsonl "
+            "file or folder, a list of strings, or 'world' (the embedded world's corpus)."
+        ) from exc
+    yield row["text"]
+    for row in first:
+        yield row["text"]
+
+
+def _cache_path(lm: LanguageModel, layer: int, corpus: Any, n_samples: int | None, max_tokens: int | None,
+                seq_len: int) -> Path:
+    key = json.dumps([lm.fingerprint(upto_layer=layer), layer, corpus_name(corpus), n_samples, max_tokens, seq_len])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name)[-60:]
+    return cache_dir("stats") / f"{safe}-L{layer}-{digest}.safetensors"
+
+
+@torch.no_grad()
+def second_moment(
+    lm: LanguageModel,
+    layer: int,
+    corpus: str | Sequence[str] | os.PathLike = "wikitext",
+    n_samples: int | None = 100_000,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    return_info: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SecondMomentInfo]:
+    """``C0 = (1/N) Σ k kᵀ`` over the non-pad tokens of ``n_samples`` corpus texts.
+
+    ``max_tokens`` stops after that many token keys (the minimal-precomputation
+    setting: a small multiple of d_in keys already gives a usable C0). Returns a
+    float64 CPU tensor (d_in × d_in); with ``return_info`` also a
+    :class:`SecondMomentInfo` with the token count and condition number.
+    """
+    from safetensors.torch import load_file, save_file
+
+    seq_len = seq_len or min(getattr(lm.tokenizer, "model_max_length", 1024) or 1024, 1024)
+    path = _cache_path(lm, layer, corpus, n_samples, max_tokens, seq_len)
+    if cache and path.exists():
+        data = load_file(str(path))
+        info = SecondMomentInfo(**json.loads(path.with_suffix(".json").read_text()))
+        log.info("C0 for %s layer %d loaded from %s (%d tokens)", lm.name, layer, path, info.n_tokens)
+        return (data["C0"], info) if return_info else data["C0"]
+
+    module = lm.edit_module(layer)
+    d_in = lm.d_in(layer)
+    acc = torch.zeros(d_in, d_in, dtype=torch.float64, device=module.weight.device)
+    n_tokens = 0
+    texts = iter_corpus(corpus, n_samples)
+    bar = tqdm(total=max_tokens or n_samples, desc=f"C0 layer {layer}", unit="tok" if max_tokens else "text",
+               disable=not progress)
+    done = False
+    while not done:
+        chunk = [t for _, t in zip(range(batch_size), texts)]
+        if not chunk:
+            break
+        enc = lm.tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
+        mask = enc["attention_mask"].bool()
+        with capture_input(module) as seen:
+            lm.model(input_ids=enc["input_ids"].to(lm.device), attention_mask=enc["attention_mask"].to(lm.device))
+        K = seen[0][mask.to(seen[0].device)].to(acc.device, torch.float64)  # (tokens, d_in)
+        if max_tokens is not None and n_tokens + len(K) >= max_tokens:
+            K, done = K[: max_tokens - n_tokens], True
+        acc.addmm_(K.T, K)
+        n_tokens += len(K)
+        bar.update(len(K) if max_tokens else len(chunk))
+    bar.close()
+    if n_tokens == 0:
+        raise CorpusUnavailableError(f"corpus {corpus_name(corpus)!r} produced no tokens; C0 cannot be estimated")
+    C0 = (acc / n_tokens).cpu()
+    cond, lo = condition_number(C0)
+    info = SecondMomentInfo(lm.name, layer, corpus_name(corpus), int(n_samples or 0), max_tokens, n_tokens, d_in,
+                            cond, lo, str(path) if cache else None)
+    if n_tokens < d_in:
+        log.warning("C0 at layer %d from only %d keys < d_in=%d: it is rank-deficient; use more samples", layer,
+                    n_tokens, d_in)
+    log.info("C0 for %s layer %d: %d tokens, condition number %.3g", lm.name, layer, n_tokens, cond)
+    if cache:
+        tmp = path.with_suffix(".tmp")
+        save_file({"C0": C0.contiguous()}, str(tmp))
+        path.with_suffix(".json").write_text(json.dumps(asdict(info)))
+        os.replace(tmp, path)
+    return (C0, info) if return_info else C0

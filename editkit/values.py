@@ -1,0 +1,179 @@
+"""Values: the hidden-state change ``δ`` that makes the model emit the new object.
+
+For each request, ``δ`` is added to the residual stream (the edited MLP's output)
+of layer ``L`` at the subject's last token and optimized with Adam on
+
+    L(δ) = NLL of target_new over the prefixed prompts
+         + κ · KL(P(·|"{s} is a") ‖ P_δ(·|"{s} is a"))      (essence drift)
+         + β · ‖δ‖² / ‖h‖²                                    (decay)
+
+with ``‖δ‖ ≤ c‖h‖`` enforced after each step. The E requests are independent, so
+they are optimized together: one padded forward/backward per step over all
+requests' prompts, one δ row per request, and a loss that is the *sum* of the
+per-request losses, so each row's gradient is exactly its own request's gradient
+(Adam is element-wise, so the trajectory equals optimizing that request alone).
+A request that reaches ``stop_nll`` is frozen from then on, as it would have
+stopped alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .hooks import add_at_positions, capture_output, no_param_grads
+from .models import LanguageModel
+from .requests import EditRequest, tokenize_spans
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ValueConfig", "ValueResult", "optimize_values"]
+
+
+@dataclass
+class ValueConfig:
+    """Hyperparameters of the δ optimization (names follow the ROME/MEMIT papers)."""
+
+    v_lr: float = 0.5
+    v_steps: int = 25
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    stop_nll: float = 0.05
+    essence_template: str = "{} is a"
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor  # (E, d) float32
+    h: torch.Tensor  # (E, d) residual at layer L, subject's last token, un-prefixed prompt
+    nll_init: torch.Tensor  # (E,)
+    nll_final: torch.Tensor  # (E,)
+    steps: torch.Tensor  # (E,) steps each request took
+    history: list = field(default_factory=list)  # total loss per step
+
+    @property
+    def target(self) -> torch.Tensor:
+        """``Z = h + δ``: the residual each request should have at layer L."""
+        return self.h + self.delta
+
+
+def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequence[str], essence: str):
+    """One padded batch: for each request, its prefixed rewrite prompts + target,
+    then one essence prompt. Returns the batch and row bookkeeping."""
+    texts, spans, owner, kind = [], [], [], []
+    for i, r in enumerate(requests):
+        s0, s1 = r.subject_span
+        for p in prefixes:
+            text = p + r.text
+            t0 = len(text) + 1
+            texts.append(f"{text} {r.target_new}")
+            spans.append([(len(p) + s0, len(p) + s1), (t0, t0 + len(r.target_new))])
+            owner.append(i)
+            kind.append(0)
+    for i, r in enumerate(requests):
+        s0 = essence.index("{}")
+        texts.append(essence.format(r.subject))
+        spans.append([(s0, s0 + len(r.subject))])
+        owner.append(i)
+        kind.append(1)
+    batch = tokenize_spans(lm.tokenizer, texts, spans)
+    # Flat index of every target token of the rewrite rows: (row, position that predicts it, token id).
+    t_row, t_pos = [], []
+    for row, k in enumerate(kind):
+        if k == 0:
+            t_row += [row] * len(batch.spans[row][1])
+            t_pos += [t - 1 for t in batch.spans[row][1]]
+    t_row, t_pos = torch.tensor(t_row), torch.tensor(t_pos)
+    t_ids = batch.input_ids[t_row, t_pos + 1]
+    ess_rows = torch.nonzero(torch.tensor(kind) == 1).flatten()
+    ess_pos = batch.attention_mask.sum(1)[ess_rows] - 1
+    targets = (t_row, t_pos, t_ids, ess_rows, ess_pos)
+    return batch, torch.tensor(owner), targets
+
+
+def _per_row_terms(logits: torch.Tensor, targets, n_rewrite: int):
+    """Mean target NLL of each rewrite row, and last-token log-probs of essence rows.
+
+    Only the needed positions go through log-softmax (the vocabulary can be 128k)."""
+    t_row, t_pos, t_ids, ess_rows, ess_pos = (t.to(logits.device) for t in targets)
+    tok_logp = logits[t_row, t_pos].float().log_softmax(-1).gather(1, t_ids[:, None]).squeeze(1)
+    nll = torch.zeros(n_rewrite, device=logits.device).index_add(0, t_row, -tok_logp)
+    count = torch.zeros(n_rewrite, device=logits.device).index_add(0, t_row, torch.ones_like(tok_logp))
+    ess = logits[ess_rows, ess_pos].float().log_softmax(-1)
+    return nll / count, ess
+
+
+def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
+                    prefixes: Sequence[str] = ("",), cfg: ValueConfig | None = None,
+                    progress: bool = False) -> ValueResult:
+    """Optimize one δ per request at ``layer`` (batched; see module docstring)."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or ValueConfig()
+    E, P = len(requests), len(prefixes)
+    batch, owner, targets = _build(lm, requests, prefixes, cfg.essence_template)
+    batch = batch.to(lm.device)
+    rows = torch.arange(len(owner))
+    cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
+    module, block = lm.edit_module(layer), lm.block(layer)
+    d = lm.d_out(layer)
+    dev = module.weight.device
+
+    def forward():
+        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
+    with torch.no_grad(), capture_output(block) as seen:
+        logits = forward()
+    h = seen[0][rows.to(seen[0].device), cols.to(seen[0].device)].float()
+    h = h[torch.arange(E) * P].to(dev)  # rows of prefix 0 (""), one per request
+    nll0, ess0 = _per_row_terms(logits, targets, E * P)
+    nll_init = nll0[: E * P].view(E, P).mean(1).detach().cpu()
+    logp0 = ess0.detach()
+
+    delta = torch.zeros(E, d, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    h_norm = h.norm(dim=1)
+    max_norm = cfg.clamp_norm_factor * h_norm
+    active = torch.ones(E, dtype=torch.bool, device=dev)
+    steps = torch.zeros(E, dtype=torch.long)
+    nll_req = nll_init.clone()
+    history = []
+    owner_dev = owner.to(dev)
+    bar = tqdm(range(cfg.v_steps), desc=f"values ({E} requests)", disable=not progress, leave=False)
+    with no_param_grads(lm.model), add_at_positions(module, rows, cols, lambda: delta[owner_dev]):
+        for step in bar:
+            logits = forward()
+            nll_rows, ess = _per_row_terms(logits, targets, E * P)
+            nll_req_t = nll_rows[: E * P].view(E, P).mean(1).to(dev)
+            nll_req = nll_req_t.detach().cpu()
+            # Requests that already reach the wanted probability stop here, as they would alone.
+            active &= nll_req_t.detach() >= cfg.stop_nll
+            if not active.any():
+                break
+            kl = (logp0.exp() * (logp0 - ess)).sum(-1).to(dev)  # KL(P0 ‖ Pδ), one per request
+            decay = cfg.v_weight_decay * delta.norm(dim=1) ** 2 / h_norm ** 2
+            per_request = nll_req_t + cfg.kl_factor * kl + decay
+            loss = per_request[active].sum()
+            history.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}", active=int(active.sum()))
+            opt.zero_grad()
+            loss.backward()
+            frozen = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = frozen[~active]
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            steps += active.cpu().long()
+        else:
+            # Measure the NLL reached by the final δ.
+            with torch.no_grad():
+                nll_rows, _ = _per_row_terms(forward(), targets, E * P)
+                nll_req = nll_rows[: E * P].view(E, P).mean(1).cpu()
+    return ValueResult(delta=delta.detach().float(), h=h.detach(), nll_init=nll_init, nll_final=nll_req,
+                       steps=steps, history=history)

@@ -1,0 +1,265 @@
+"""The editing engine, checked against its equations on tiny random models of every
+supported architecture (no downloads, CPU only)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import editkit as ek
+from editkit.testing import TINY_TEXT, tiny_lm
+
+ARCHS = ["gpt2", "gptj", "gpt_neox", "llama", "qwen2"]  # Mistral and Gemma share the Llama adapter
+REQS = [
+    ek.EditRequest("The mother tongue of {} is", "Danielle Darrieux", target_new="French", target_true="English"),
+    ek.EditRequest("{} plays the", "Toko Yasuda", target_new="guitar", target_true="piano"),
+    ek.EditRequest("{} was developed by", "Apple A5", target_new="Google", target_true="Apple"),
+]
+FAST = dict(corpus=TINY_TEXT, n_samples=None, n_prefixes=2, prefix_len=4)
+
+
+def fast_values(**kw):
+    return ek.ValueConfig(v_steps=kw.pop("v_steps", 6), v_lr=kw.pop("v_lr", 0.5), **kw)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request):
+    return tiny_lm(request.param, n_layer=4)
+
+
+@pytest.fixture(scope="module")
+def C0s(lm):
+    return {l: ek.second_moment(lm, l, TINY_TEXT, n_samples=None, cache=False, progress=False)
+            for l in range(lm.n_layers)}
+
+
+def weights(lm):
+    return [lm.edit_module(l).weight.detach().clone() for l in range(lm.n_layers)]
+
+
+def assert_restored(lm, before):
+    for l, w in enumerate(before):
+        assert torch.equal(lm.edit_module(l).weight, w), f"layer {l} not restored bit for bit"
+
+
+def test_rome_memorizes_key_value_pair(lm, C0s):
+    before = weights(lm)
+    editor = ek.ROME(layer=1, values=fast_values(), **FAST)
+    edit = editor.apply(lm, REQS[:1], stats=C0s, progress=False)
+    W0 = before[1].T if lm.adapter.conv1d else before[1]
+    K, R = edit.keys[1].double(), edit.residuals[1].double()
+    W1 = lm.weight(1).detach().double()
+    # Ŵ k* = v* = W k* + R, exactly up to float32 storage.
+    torch.testing.assert_close(W1 @ K, W0.double() @ K + R, rtol=1e-4, atol=1e-4)
+    # ...and the update is rank one.
+    assert torch.linalg.matrix_rank(edit.deltas[1].double(), rtol=1e-6).item() == 1
+    edit.undo()
+    assert_restored(lm, before)
+
+
+def test_emmet_satisfies_every_constraint(lm, C0s):
+    before = weights(lm)
+    editor = ek.EMMET(layers=[1], lambda_e=0.0, values=fast_values(), **FAST)
+    edit = editor.apply(lm, REQS, stats=C0s, progress=False)
+    W0 = (before[1].T if lm.adapter.conv1d else before[1]).double()
+    K, R = edit.keys[1].double(), edit.residuals[1].double()
+    assert K.shape[1] == len(REQS)
+    torch.testing.assert_close(lm.weight(1).detach().double() @ K, W0 @ K + R, rtol=1e-4, atol=1e-4)
+    edit.undo()
+    assert_restored(lm, before)
+
+
+def test_memit_satisfies_normal_equations(lm, C0s):
+    before = weights(lm)
+    lam = 2.0
+    editor = ek.MEMIT(layers=[1], mom2_update_weight=lam, values=fast_values(), **FAST)
+    with editor.applied(lm, REQS, stats=C0s, progress=False) as edit:
+        K, R = edit.keys[1].double(), edit.residuals[1].double()
+        delta = (lm.weight(1).detach().double() - (before[1].T if lm.adapter.conv1d else before[1]).double())
+        # Δ (λ C0 + K Kᵀ) = R Kᵀ
+        lhs = delta @ (lam * C0s[1] + K @ K.T)
+        torch.testing.assert_close(lhs, R @ K.T, rtol=1e-3, atol=1e-5)
+    assert_restored(lm, before)
+
+
+def test_spreading_over_layers_reaches_single_layer_target(lm, C0s):
+    """With exact constraints and no context prefixes, a multi-layer edit moves the top
+    layer's hidden state exactly to the target Z that a single-layer edit reaches.
+    (The top edited layer is below the last: δ at the last layer's subject token
+    cannot reach the later target tokens.)"""
+    before = weights(lm)
+    common = dict(FAST, n_prefixes=0, lambda_e=0.0, values=fast_values())
+    top = lm.n_layers - 2
+    single = ek.EMMET(layers=[top], **common)
+    with single.applied(lm, REQS[:2], stats=C0s, progress=False) as e1:
+        h1 = ek.hidden_at_subject(lm, REQS[:2], top)
+        Z = e1.targets
+    assert (Z - ek.hidden_at_subject(lm, REQS[:2], top)).norm() > 1e-3  # the target is a real change
+    torch.testing.assert_close(h1, Z, rtol=1e-3, atol=1e-4)
+    spread = ek.EMMET(layers=[top - 1, top], **common)
+    with spread.applied(lm, REQS[:2], stats=C0s, progress=False) as e3:
+        h3 = ek.hidden_at_subject(lm, REQS[:2], top)
+        torch.testing.assert_close(e3.targets, Z)  # values depend only on the top layer
+        # every layer took a share of the change
+        assert all(e3.norms[l]["delta_norm"] > 0 for l in (top - 1, top)), e3.norms
+    torch.testing.assert_close(h3, Z, rtol=1e-3, atol=1e-4)
+    assert_restored(lm, before)
+
+
+def test_batched_values_equal_one_at_a_time(lm):
+    prefixes = ek.context_prefixes(lm, 2, 4, seed=0)
+    cfg = fast_values(v_steps=8)
+    batched = ek.optimize_values(lm, REQS, 1, prefixes, cfg)
+    for i, r in enumerate(REQS):
+        alone = ek.optimize_values(lm, [r], 1, prefixes, cfg)
+        assert (batched.delta[i] - alone.delta[0]).abs().max().item() < 1e-4
+        torch.testing.assert_close(batched.h[i], alone.h[0], rtol=1e-5, atol=1e-5)
+    assert batched.delta.abs().max() > 0
+
+
+def test_context_manager_restores_on_exception(lm, C0s):
+    before = weights(lm)
+    editor = ek.MEMIT(layers=[1, 2], mom2_update_weight=1.0, values=fast_values(v_steps=2), **FAST)
+    with pytest.raises(KeyError):
+        with editor.applied(lm, REQS[:1], stats=C0s, progress=False):
+            assert not torch.equal(lm.edit_module(1).weight, before[1])
+            raise KeyError("boom")
+    assert_restored(lm, before)
+    assert lm.edits == []
+
+
+def test_stacked_edits_undo_in_reverse_order(lm, C0s):
+    before = weights(lm)
+    ed = ek.EMMET(layers=[1], values=fast_values(v_steps=2), **FAST)
+    e1 = ed.apply(lm, REQS[:1], stats=C0s, progress=False)
+    e2 = ed.apply(lm, REQS[1:2], stats=C0s, progress=False)
+    with pytest.raises(ek.EditError, match="reverse order"):
+        e1.undo()
+    e2.undo()
+    e1.undo()
+    assert_restored(lm, before)
+
+
+def test_duplicate_keys_are_singular_and_leave_weights_untouched(lm, C0s):
+    before = weights(lm)
+    ed = ek.EMMET(layers=[1], lambda_e=0.0, values=fast_values(v_steps=1), **FAST)
+    with pytest.raises(ek.SingularSystemError, match="lambda_e"):
+        ed.apply(lm, [REQS[0], REQS[0]], stats=C0s, progress=False)
+    assert_restored(lm, before)
+    assert lm.edits == []
+
+
+# --- things that do not need every architecture ---------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prompt="The mother tongue of is", subject="X", target_new="Y"), "prompt"),
+    (dict(prompt="{} and {} are", subject="X", target_new="Y"), "prompt"),
+    (dict(prompt="{} is", subject="", target_new="Y"), "subject"),
+    (dict(prompt="{} is", subject="X", target_new=""), "target_new"),
+    (dict(prompt="{} is", subject="X", target_new="  "), "target_new"),
+    (dict(prompt="{} is", subject="X", target_new="Y", target_true=""), "target_true"),
+])
+def test_malformed_requests_name_the_field(kwargs, field):
+    with pytest.raises(ek.RequestError, match=field):
+        ek.EditRequest(**kwargs)
+
+
+def test_template_recovered_from_filled_prompt():
+    r = ek.EditRequest.from_filled("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English")
+    assert r.prompt == "The mother tongue of {} is" and r.text == "The mother tongue of Danielle Darrieux is"
+    with pytest.raises(ek.RequestError, match="does not occur"):
+        ek.EditRequest.from_filled("The mother tongue of X is", "Danielle Darrieux", "English")
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_subject_and_target_tokens_from_offsets(style):
+    from editkit.requests import tokenize_spans
+
+    lm = tiny_lm("llama" if style == "llama" else "gpt2")
+    text = "The mother tongue of Danielle Darrieux is English"
+    b = tokenize_spans(lm.tokenizer, [text], [[(21, 38), (42, 49)]])
+    subj = lm.tokenizer.decode(b.input_ids[0, b.spans[0][0]]).strip()
+    tgt = lm.tokenizer.decode(b.input_ids[0, b.spans[0][1]]).strip()
+    assert subj == "Danielle Darrieux" and tgt == "English"
+    if style == "llama":
+        assert b.input_ids[0, 0].item() == lm.tokenizer.bos_token_id  # BOS never part of a span
+        assert 0 not in b.spans[0][0]
+
+
+def test_unknown_architecture_lists_supported_and_override_works():
+    lm = tiny_lm("gpt2")
+    lm.model.config.model_type = "mystery"
+    with pytest.raises(ek.UnknownArchitectureError, match="gpt2.*llama|Supported"):
+        ek.LanguageModel(lm.model, lm.tokenizer)
+    custom = ek.Adapter("mine", "transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", conv1d=True)
+    lm2 = ek.LanguageModel(lm.model, lm.tokenizer, adapter=custom)
+    assert lm2.weight(0).shape == (lm.model.config.n_embd, 4 * lm.model.config.n_embd)
+    bad = ek.Adapter("bad", "transformer.h", "transformer.h.{}.mlp.nope", "transformer.ln_f")
+    with pytest.raises(ek.UnknownArchitectureError, match="mlp.nope"):
+        ek.LanguageModel(lm.model, lm.tokenizer, adapter=bad)
+
+
+def test_bfloat16_edit_solves_in_float64_and_writes_model_dtype():
+    lm = tiny_lm("llama", dtype=torch.bfloat16)
+    before = lm.edit_module(1).weight.clone()
+    ed = ek.EMMET(layers=[1], values=fast_values(v_steps=3), **FAST)
+    with ed.applied(lm, REQS[:2], progress=False) as edit:
+        w = lm.edit_module(1).weight
+        assert w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all()
+        assert edit.norms[1]["delta_norm"] > 0
+    assert torch.equal(lm.edit_module(1).weight, before)
+
+
+def test_second_moment_matches_direct_computation_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path))
+    lm = tiny_lm("gpt2")
+    texts = TINY_TEXT[:40]
+    C0, info = ek.second_moment(lm, 1, texts, n_samples=None, batch_size=7, return_info=True, progress=False)
+    # direct: every token's key, one text at a time
+    from editkit.hooks import capture_input
+
+    ks = []
+    for t in texts:
+        enc = lm.tokenizer(t, return_tensors="pt")
+        with capture_input(lm.edit_module(1)) as seen, torch.no_grad():
+            lm.model(**enc)
+        ks.append(seen[0][0].double())
+    K0 = torch.cat(ks)
+    torch.testing.assert_close(C0, K0.T @ K0 / len(K0), rtol=1e-5, atol=1e-8)
+    assert info.n_tokens == len(K0) and info.condition_number > 1
+    assert list(tmp_path.rglob("*.safetensors"))
+    again = ek.second_moment(lm, 1, texts, n_samples=None, batch_size=7, progress=False)
+    assert torch.equal(again, C0)
+    few, info_few = ek.second_moment(lm, 1, texts, n_samples=None, max_tokens=100, return_info=True, progress=False)
+    assert info_few.n_tokens == 100 and not torch.equal(few, C0)
+
+
+def test_missing_corpus_and_offline_hub_fail_fast(monkeypatch):
+    lm = tiny_lm("gpt2")
+    with pytest.raises(ek.CorpusUnavailableError, match="does not exist"):
+        ek.second_moment(lm, 0, "./no/such/corpus.txt", cache=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ek.CorpusUnavailableError, match="Hub"):
+        ek.second_moment(lm, 0, "wikitext", cache=False)
+    with pytest.raises(ek.ModelUnavailableError, match="world-gpt2"):
+        ek.load_model("some-owner/some-model-that-is-not-cached")
+    with pytest.raises(ek.ModelUnavailableError, match="does not exist"):
+        ek.load_model("./no/such/checkpoint")
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    lm = tiny_lm("qwen2")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    lm2 = ek.load_model(tmp_path, device="cpu")
+    assert lm2.adapter.family == "qwen2" and lm2.n_layers == lm.n_layers
+    torch.testing.assert_close(lm2.weight(1), lm.weight(1))
+
+
+def test_presets_are_data():
+    m = ek.MEMIT.preset("llama-3-8b")
+    assert m.layers == [1] and m.mom2_update_weight == 15000.0
+    r = ek.ROME.preset("gpt2-xl", layer=12)
+    assert r.layer == 12 and r.values.v_lr == 0.5
+    assert {"gpt2-xl", "gpt-j-6b", "llama-3-8b"} <= set(ek.available_presets())
+    with pytest.raises(KeyError, match="available"):
+        ek.EMMET.preset("no-such-model")
