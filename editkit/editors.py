@@ -26,7 +26,7 @@ from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Editor", "ROME", "MEMIT", "EMMET", "Edit", "EditError", "available_presets"]
+__all__ = ["Editor", "ROME", "MEMIT", "EMMET", "Edit", "EditError", "available_presets", "preset_for"]
 
 
 class EditError(RuntimeError):
@@ -85,6 +85,17 @@ def _read_preset(name: str | Path) -> dict:
 
 def available_presets() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("editkit") / "presets").iterdir() if p.name.endswith(".json"))
+
+
+def preset_for(model_name: str) -> str | None:
+    """The preset whose name the model's name contains (longest match), or None.
+
+    ``"meta-llama/Meta-Llama-3-8B"`` → ``"llama-3-8b"``, ``"EleutherAI/gpt-j-6B"`` →
+    ``"gpt-j-6b"``, ``"world-gpt2"`` → ``"world-gpt2"``.
+    """
+    name = str(model_name).lower().replace("_", "-")
+    hits = [p for p in available_presets() if p in name]
+    return max(hits, key=len) if hits else None
 
 
 @dataclass(kw_only=True)

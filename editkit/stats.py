@@ -24,7 +24,7 @@ from .models import LanguageModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["second_moment", "SecondMomentInfo", "CorpusUnavailableError", "iter_corpus", "condition_number",
+__all__ = ["second_moment", "SecondMomentInfo", "HubCorpus", "CorpusUnavailableError", "iter_corpus", "condition_number",
            "cache_dir"]
 
 #: Hub datasets behind the short corpus names users type.
@@ -71,6 +71,8 @@ def condition_number(C: torch.Tensor) -> tuple[float, float]:
 
 def corpus_name(corpus: Any) -> str:
     """A stable identity for a corpus argument (for cache keys and logs)."""
+    if isinstance(corpus, HubCorpus):
+        return f"hub:{corpus.repo}:{corpus.config}:{corpus.split}"
     if isinstance(corpus, str):
         p = Path(corpus)
         if p.exists():
@@ -102,6 +104,8 @@ def iter_corpus(corpus: str | Sequence[str] | os.PathLike, n_samples: int | None
 
 
 def _iter_corpus(corpus: Any) -> Iterable[str]:
+    if isinstance(corpus, HubCorpus):
+        return _hub_texts(corpus)
     if isinstance(corpus, (list, tuple)):
         return corpus
     if not isinstance(corpus, (str, os.PathLike)):
@@ -129,12 +133,24 @@ def _read_file(path: Path) -> Iterator[str]:
                 yield line.rstrip("\n")
 
 
-def _hub_texts(name: str) -> Iterator[str]:
+@dataclass(frozen=True)
+class HubCorpus:
+    """A Hub dataset split with a ``text`` column, streamed (e.g. wikitext-103's test split)."""
+
+    repo: str
+    config: str | None = None
+    split: str = "train"
+
+
+def _hub_texts(name: str | HubCorpus) -> Iterator[str]:
     from datasets import load_dataset
 
     from .hub import hub_offline_reason, hub_reachable
 
-    repo, config, split = HUB_CORPORA.get(name, (name, None, "train"))
+    if isinstance(name, HubCorpus):
+        repo, config, split = name.repo, name.config, name.split
+    else:
+        repo, config, split = HUB_CORPORA.get(name, (name, None, "train"))
     if not hub_reachable():
         raise CorpusUnavailableError(
             f"corpus {name!r} is a Hugging Face Hub dataset ({repo!r}) and the Hub cannot be reached "

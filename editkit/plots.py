@@ -1,0 +1,155 @@
+"""Figures as pure functions of the runners' frames.
+
+Every function takes the long-form frame a runner returned (or ``load_run`` read
+back), summarizes it with :func:`editkit.metrics.summarize`, and returns a
+matplotlib Figure; nothing here touches a model. Scores are shown in percent as
+in the papers; bands are 95% bootstrap intervals over records.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = ["summary", "layer_sweep", "batch_sweep", "sequential", "sequential_probes", "save", "METRIC_NAMES"]
+
+METRIC_NAMES = {"ES": "Efficacy (ES)", "PS": "Paraphrase (PS)", "NS": "Neighborhood (NS)", "S": "Score (S)",
+                "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighborhood magnitude"}
+
+
+def summary(frame: pd.DataFrame, by: Sequence[str], n_boot: int = 200) -> pd.DataFrame:
+    """Per-group metrics (``by`` + metric, value, ci_low, ci_high, n) in percent."""
+    from .metrics import summarize
+
+    rows = frame[frame["phase"].isin(["post", "batch", "all", "pre"])] if "phase" in frame else frame
+    rows = rows.dropna(subset=["kind"]) if "kind" in rows else rows
+    out = summarize(rows, by=list(by), n_boot=n_boot)
+    for c in ("value", "ci_low", "ci_high"):
+        out[c] = out[c] * 100
+    return out
+
+
+def _band(ax, data: pd.DataFrame, x: str, hue: str | None, palette=None, marker="o") -> None:
+    groups = data.groupby(hue, sort=False) if hue else [(None, data)]
+    colors = dict(zip(data[hue].unique(), sns.color_palette(palette, data[hue].nunique()))) if hue else {}
+    for key, g in groups:
+        g = g.sort_values(x)
+        color = colors.get(key)
+        ax.plot(g[x], g["value"], marker=marker, ms=3, label=str(key) if hue else None, color=color)
+        ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.2, color=color, linewidth=0)
+
+
+def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
+                title: str | None = None) -> plt.Figure:
+    """x = edited layer, y = score; one panel per metric, one line per method; the
+    best layer (highest S) of each method marked; causal-tracing importance (if the
+    frame has ``phase == "trace"`` rows) as a last panel."""
+    post = frame[frame["phase"] == "post"]
+    s = summary(post, ["method", "layer"], n_boot)
+    trace = frame[frame["phase"] == "trace"] if "phase" in frame else frame.iloc[:0]
+    n = len(metrics) + (1 if len(trace) else 0)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), sharex=True, squeeze=False)
+    best = s[s["metric"] == "S"].sort_values("value").groupby("method").tail(1).set_index("method")["layer"]
+    for ax, metric in zip(axes[0], metrics):
+        _band(ax, s[s["metric"] == metric], "layer", "method")
+        for i, (method, layer) in enumerate(best.items()):
+            ax.axvline(layer, ls="--", lw=0.8, color=sns.color_palette()[i % 10])
+        ax.set_title(METRIC_NAMES.get(metric, metric))
+        ax.set_xlabel("edited layer")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-2, 102)
+    if len(trace):
+        ax = axes[0][-1]
+        t = trace.groupby("layer")["score"].agg(["mean", "sem"]).reset_index()
+        ax.plot(t["layer"], t["mean"], marker="o", ms=3, color="k")
+        ax.fill_between(t["layer"], t["mean"] - 1.96 * t["sem"], t["mean"] + 1.96 * t["sem"], alpha=0.2, color="k")
+        ax.set_title("Causal tracing (MLP)")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("indirect effect")
+    axes[0][0].legend(title="method (-- best layer)", fontsize=8)
+    fig.suptitle(title or "Single edits by layer")
+    fig.tight_layout()
+    return fig
+
+
+def batch_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
+                title: str | None = None) -> plt.Figure:
+    """x = batch size (log), y = score; one line per metric, one panel per method
+    (and per λ when the run swept it)."""
+    post = frame[frame["phase"] == "post"]
+    s = summary(post, ["method", "reg", "batch_size"], n_boot)
+    s = s[s["metric"].isin(metrics)]
+    panels = list(s.groupby(["method", "reg"], sort=False).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (method, reg) in zip(axes[0], panels):
+        _band(ax, s[(s["method"] == method) & (s["reg"] == reg)], "batch_size", "metric")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{method} (λ={reg:g})")
+        ax.set_xlabel("batch size (edits)")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-2, 102)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "Batch editing")
+    fig.tight_layout()
+    return fig
+
+
+def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
+               metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
+               title: str | None = None) -> plt.Figure:
+    """x = edits so far (log), y = score; one line per batch size, one panel per metric.
+    ``phase="batch"`` scores each batch right after it; ``"all"`` every fact so far."""
+    rows = frame[(frame["phase"] == phase) & (frame["method"] == method)]
+    s = summary(rows, ["batch_size", "edits_so_far"], n_boot)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False, sharex=True)
+    for ax, metric in zip(axes[0], metrics):
+        _band(ax, s[s["metric"] == metric], "edits_so_far", "batch_size", palette="viridis")
+        ax.set_xscale("log", base=2)
+        ax.set_title(METRIC_NAMES.get(metric, metric))
+        ax.set_xlabel("edits so far")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-2, 102)
+    axes[0][0].legend(title="batch size", fontsize=8)
+    what = "each batch after it is applied" if phase == "batch" else "all facts edited so far"
+    fig.suptitle(title or f"{method}: sequential-batched editing ({what})")
+    fig.tight_layout()
+    return fig
+
+
+def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None) -> plt.Figure:
+    """Norm of the accumulated update ‖Ŵ − W₀‖ and held-out perplexity vs edits so far."""
+    p = frame[(frame["phase"] == "probe") & (frame["method"].isin([method]))]
+    base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
+    cols = ["update_norm"] + (["perplexity"] if "perplexity" in p and p["perplexity"].notna().any() else [])
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        sns.lineplot(data=p, x="edits_so_far", y=col, hue="batch_size", marker="o", palette="viridis", ax=ax)
+        if col == "perplexity" and len(base):
+            ax.axhline(base["perplexity"].iloc[0], ls=":", color="grey", label="unedited")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("edits so far")
+        ax.set_ylabel({"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity"}[col])
+    fig.suptitle(title or f"{method}: model drift under sequential editing")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, name: str, outdir: str | os.PathLike = "figures") -> list[Path]:
+    """Save ``fig`` as ``<outdir>/<name>.png`` and ``.pdf``; returns both paths."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
