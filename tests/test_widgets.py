@@ -218,3 +218,13 @@ def test_every_bad_field_is_flagged_at_once(lm):
     assert ex.on_edit() is None
     assert {n for n, m in ex.messages.items() if m.value} == {"prompt", "subject", "target_new", "layers"}
     assert same(lm, before) and lm.edits == []
+
+
+def test_results_explorer_reads_a_run_directory(tmp_path):
+    from editkit.experiments import RunStore
+
+    store = RunStore.open("layer_sweep", {"model": "tiny"}, run_dir=tmp_path / "run")
+    store.write("part", summarized_frame())
+    ex = ResultsExplorer(tmp_path / "run")
+    assert ex.frame.attrs["run"]["kind"] == "layer_sweep" and len(ex.frame) == len(summarized_frame())
+    assert ex.drawn_with == "line" and "MEMIT" in ex.table.value
