@@ -8,7 +8,7 @@
 """
 import logging as _logging
 
-from .editors import EMMET, MEMIT, ROME, Edit, EditError, Editor, available_presets
+from .editors import EMMET, MEMIT, ROME, Edit, EditError, Editor, available_presets, preset_for
 from .keys import context_prefixes, hidden_at_subject, keys
 from .models import ADAPTERS, Adapter, LanguageModel, ModelUnavailableError, UnknownArchitectureError, load_model
 from .requests import EditRequest, RequestError
@@ -17,5 +17,21 @@ from .stats import CorpusUnavailableError, second_moment
 from .values import ValueConfig, optimize_values
 
 __version__ = "0.1.0"
+
+# Submodules users reach as ek.experiments, ek.plots, ek.widgets (imported lazily: plots and
+# widgets pull in matplotlib/ipywidgets, which a headless editing job does not need).
+_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    if name == "heldout_texts":
+        from .experiments import heldout_texts
+
+        return heldout_texts
+    raise AttributeError(f"module 'editkit' has no attribute {name!r}")
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
