@@ -1,4 +1,131 @@
-"""The embedded fact world: a synthetic CounterFact-style world and tiny models trained on it."""
-from .tokenizer import train_tokenizer
+"""The embedded fact world: a synthetic CounterFact-style world and tiny models trained on it.
 
-__all__ = ["train_tokenizer"]
+    import editkit as ek
+    lm = ek.load_model("world-gpt2")            # trains on first use (minutes), cached after
+    records = ek.load_counterfact("world")      # the world's facts, CounterFact schema
+
+Everything is deterministic in the settings; models and world files live under
+``$EDITKIT_CACHE/world`` (default ``~/.cache/editkit/world``) in directories named
+after the model and a hash of every generator and training setting, so changing a
+setting builds a new model and never reuses a stale one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+from .generator import RELATIONS, SIZES, World, WorldConfig, generate_world
+from .tokenizer import train_tokenizer
+from .train import TrainConfig, build_checkpoint, fact_accuracy, save_world, train_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WorldConfig", "World", "TrainConfig", "RELATIONS", "SIZES", "WORLD_MODELS", "generate_world",
+           "world_config", "world_model_path", "build_world", "load_world_counterfact", "world_corpus",
+           "world_dir", "train_tokenizer", "train_model", "fact_accuracy"]
+
+#: Bumped when the training code changes in a way that changes the result.
+FORMAT_VERSION = 1
+
+#: The embedded models: training settings (the world is ``world_config("default")``).
+WORLD_MODELS: dict[str, TrainConfig] = {
+    "world-gpt2": TrainConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, vocab_size=1024, epochs=30),
+    "world-llama": TrainConfig(arch="llama", n_layer=4, d_model=128, n_head=4, vocab_size=1024, epochs=30),
+}
+
+#: Biographies per person in the training corpus (one fresh order and choice of
+#: templates per training epoch).
+TRAIN_BIOS = 30
+
+
+def world_config(size: str = "default", **overrides) -> WorldConfig:
+    """The world behind the embedded models (``size="small"`` / ``"tiny"`` for tests)."""
+    return WorldConfig.sized(size, **{"n_train_bios": TRAIN_BIOS, **overrides})
+
+
+def _root() -> Path:
+    root = Path(os.environ.get("EDITKIT_CACHE", Path.home() / ".cache" / "editkit")) / "world"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _settings_key(world_cfg: WorldConfig, train_cfg: TrainConfig | None = None) -> str:
+    blob = {"version": FORMAT_VERSION, "world": world_cfg.to_dict(), "train": train_cfg.to_dict() if train_cfg else None}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def world_model_path(name: str, build: bool = True, *, progress: bool = True, force: bool = False,
+                     world_cfg: WorldConfig | None = None, train_cfg: TrainConfig | None = None) -> Path:
+    """The checkpoint directory of embedded model ``name`` (``"world-gpt2"`` /
+    ``"world-llama"``), trained first when missing and ``build`` (or ``force``)."""
+    if train_cfg is None:
+        if name not in WORLD_MODELS:
+            raise KeyError(f"unknown world model {name!r}; choose one of {sorted(WORLD_MODELS)}")
+        train_cfg = WORLD_MODELS[name]
+    world_cfg = world_cfg or world_config()
+    path = _root() / f"{name}-{_settings_key(world_cfg, train_cfg)}"
+    if force or not (path / "model.safetensors").exists():
+        if not (build or force):
+            raise FileNotFoundError(f"{name} is not built yet ({path}); run `editkit world build` "
+                                    "or ek.world.build_world()")
+        log.info("training %s into %s (once; cached afterwards)", name, path)
+        build_checkpoint(path, world_cfg, train_cfg, progress=progress, desc=f"training {name}")
+    return path
+
+
+def build_world(names=("world-gpt2", "world-llama"), progress: bool = True, force: bool = False) -> dict[str, Path]:
+    """Build (or find in the cache) every embedded model in ``names``; ``force`` rebuilds."""
+    if isinstance(names, str):
+        names = (names,)
+    return {n: world_model_path(n, build=True, progress=progress, force=force) for n in names}
+
+
+def world_dir(size: str = "default") -> Path:
+    """Directory with the world's files (``counterfact.json``, ``train.txt``,
+    ``heldout.txt``), written on first use."""
+    cfg = world_config(size)
+    path = _root() / f"data-{size}-{_settings_key(cfg)}"
+    if not (path / "counterfact.json").exists():
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            save_world(generate_world(cfg), tmp)
+            (tmp / "world.json").write_text(json.dumps({"world": cfg.to_dict()}, indent=1))
+            if not path.exists():
+                tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_world_counterfact(n: int | None = None, seed: int | None = None, size: str = "default") -> list[dict]:
+    """The world's records as plain dicts in the original CounterFact schema.
+
+    Records come in rounds of one record per edit-pool subject, so the first
+    ``n_subjects`` have distinct subjects. ``seed`` shuffles *within* each round
+    (the distinct-subject prefix is kept); ``n`` takes the first ``n``.
+    """
+    records = json.loads((world_dir(size) / "counterfact.json").read_text())
+    if seed is not None:
+        n_subjects = world_config(size).n_subjects
+        rng = random.Random(seed)
+        rounds = [records[i:i + n_subjects] for i in range(0, len(records), n_subjects)]
+        for r in rounds:
+            rng.shuffle(r)
+        records = [x for r in rounds for x in r]
+    return records if n is None else records[:n]
+
+
+def world_corpus(split: str = "train", size: str = "default") -> list[str]:
+    """The world's text, one biography per string: ``"train"`` (what the models were
+    trained on, epoch-major, so any prefix covers every person) or ``"heldout"``
+    (fresh biographies, for perplexity)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}: choose 'train' or 'heldout'")
+    return (world_dir(size) / f"{split}.txt").read_text().splitlines()

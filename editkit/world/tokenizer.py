@@ -41,7 +41,12 @@ def train_tokenizer(texts: Iterable[str], style: str = "gpt2", vocab_size: int =
         specials = ["<unk>", "<s>", "</s>", "<pad>"]
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.normalizer = normalizers.NFKC()
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        # Punctuation is split off (as SentencePiece vocabularies trained on large corpora
+        # effectively do), so "▁Paris" is the same token before "." as before " is".
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ])
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
         alphabet = sorted({c for t in texts for c in t.replace(" ", "▁")} | {"▁"})
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,

@@ -1,0 +1,250 @@
+"""Train the world's small language models on the CPU.
+
+A GPT-2-architecture model (``GPT2LMHeadModel``) with a GPT-2-style byte-level BPE
+tokenizer, and a Llama-architecture model (``LlamaForCausalLM``) with a Llama-style
+tokenizer (BOS, ``▁`` metaspace). Each training sequence is ``bios_per_seq`` whole
+biographies joined by EOS, so a subject appears both at the very start of a text
+(as in an evaluation prompt) and after an EOS/BOS (as in the editors' sampled
+context prefixes). Plain causal-LM loss on every token, AdamW, linear warm-up and
+cosine decay, no dropout (the point is to memorize the facts), seeded.
+
+The result is a normal Hugging Face checkpoint directory (``model.safetensors``,
+``config.json``, tokenizer files) plus the world itself beside it:
+``world.json`` (settings and training report), ``counterfact.json`` (records in the
+original CounterFact schema), ``train.txt`` and ``heldout.txt`` (one biography per
+line).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .generator import World, WorldConfig, generate_world
+from .tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train_model", "save_world", "fact_accuracy"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Architecture and optimization of one world model (all of it enters the cache key)."""
+
+    arch: str = "gpt2"  # "gpt2" (GPT2LMHeadModel, gpt2-style tokenizer) | "llama" (LlamaForCausalLM, llama style)
+    n_layer: int = 4
+    d_model: int = 128
+    n_head: int = 4
+    d_ff: int | None = None  # default: 4·d (gpt2), 8/3·d rounded to 32 (llama, SwiGLU)
+    vocab_size: int = 1024
+    epochs: int = 40
+    batch_size: int = 32  # sequences per step
+    bios_per_seq: int = 2
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup: float = 0.05  # fraction of steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    n_positions: int = 256
+
+    @property
+    def style(self) -> str:
+        return "llama" if self.arch == "llama" else "gpt2"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model_config(cfg: TrainConfig, tokenizer):
+    import transformers as T
+
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if cfg.arch == "gpt2":
+        return T.GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.d_model, n_head=cfg.n_head, n_inner=cfg.d_ff,
+                            n_positions=cfg.n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if cfg.arch == "llama":
+        d_ff = cfg.d_ff or int(math.ceil(8 * cfg.d_model / 3 / 32) * 32)
+        return T.LlamaConfig(num_hidden_layers=cfg.n_layer, hidden_size=cfg.d_model, num_attention_heads=cfg.n_head,
+                             num_key_value_heads=cfg.n_head, intermediate_size=d_ff,
+                             max_position_embeddings=cfg.n_positions, tie_word_embeddings=False, **common)
+    raise ValueError(f"arch={cfg.arch!r}: choose 'gpt2' or 'llama'")
+
+
+def _encode(tokenizer, texts: Sequence[str], style: str) -> list[list[int]]:
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    return [x + [tokenizer.eos_token_id] for x in ids]
+
+
+def _batches(encoded: list[list[int]], n_subjects: int, cfg: TrainConfig, epoch: int, pad: int):
+    """The epoch's sequences: that epoch's biography of every subject (the corpus holds
+    ``n_train_bios`` rounds; epochs cycle through them), shuffled, packed
+    ``bios_per_seq`` to a sequence, padded per batch."""
+    n_rounds = max(1, len(encoded) // n_subjects)
+    r = epoch % n_rounds
+    bios = encoded[r * n_subjects:(r + 1) * n_subjects]
+    rng = random.Random(f"{cfg.seed}-{epoch}")
+    order = list(range(len(bios)))
+    rng.shuffle(order)
+    seqs = []
+    for i in range(0, len(order), cfg.bios_per_seq):
+        seq = [t for j in order[i:i + cfg.bios_per_seq] for t in bios[j]]
+        seqs.append(seq[:cfg.n_positions])
+    for i in range(0, len(seqs), cfg.batch_size):
+        chunk = seqs[i:i + cfg.batch_size]
+        T_ = max(map(len, chunk))
+        ids = torch.full((len(chunk), T_), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), T_), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T_), dtype=torch.long)
+        for k, s in enumerate(chunk):
+            ids[k, :len(s)] = torch.tensor(s)
+            labels[k, :len(s)] = torch.tensor(s)
+            mask[k, :len(s)] = 1
+        yield ids, mask, labels
+
+
+def train_model(world: World, cfg: TrainConfig, progress: bool = True, desc: str | None = None):
+    """Train a tokenizer and a model of ``cfg`` on ``world.train``. Returns
+    ``(model, tokenizer, report)``; the model is in eval mode on the CPU."""
+    from transformers import AutoModelForCausalLM
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    n_subjects = len(world.all_subjects)
+    tokenizer = train_tokenizer(world.train[: 4 * n_subjects], style=cfg.style, vocab_size=cfg.vocab_size)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = _encode(tokenizer, world.train, cfg.style)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(_model_config(cfg, tokenizer), attn_implementation="sdpa")
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    steps_per_epoch = math.ceil(math.ceil(n_subjects / cfg.bios_per_seq) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, int(cfg.warmup * total))
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    bar = tqdm(total=total, desc=desc or f"training {cfg.arch}", disable=not progress, unit="step")
+    step, n_tokens, losses = 0, 0, []
+    pad = tokenizer.pad_token_id
+    for epoch in range(cfg.epochs):
+        for ids, mask, labels in _batches(encoded, n_subjects, cfg, epoch, pad):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            n_tokens += int(mask.sum())
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}", epoch=epoch)
+    bar.close()
+    model.eval()
+    report = {"train_seconds": round(time.perf_counter() - t_start, 1), "steps": step, "tokens": n_tokens,
+              "final_loss": round(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])), 4),
+              "n_params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads()}
+    return model, tokenizer, report
+
+
+@torch.no_grad()
+def _target_nll(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Teacher-forced mean NLL of ``" " + target`` after each prompt (offset-located)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        P, Tg = prompts[i:i + batch_size], targets[i:i + batch_size]
+        texts = [p + " " + t for p, t in zip(P, Tg)]
+        enc = tokenizer(texts, return_offsets_mapping=True, padding=True, return_tensors="pt")
+        logp = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().log_softmax(-1)
+        for k, p in enumerate(P):
+            offs = enc["offset_mapping"][k].tolist()
+            n = int(enc["attention_mask"][k].sum())
+            pos = [j for j in range(n) if offs[j][1] > offs[j][0] and offs[j][1] > len(p)]
+            ids = enc["input_ids"][k, pos]
+            out.append(-logp[k, torch.tensor(pos) - 1, ids].mean().item())
+    return torch.tensor(out)
+
+
+def fact_accuracy(model, tokenizer, records: Sequence[dict], which: str = "rewrite") -> float:
+    """Fraction of prompts where the true object is more likely than the counterfactual
+    (teacher-forced NLL), on the rewrite prompts or the paraphrase prompts."""
+    prompts, trues, news = [], [], []
+    for r in records:
+        rw = r["requested_rewrite"]
+        ps = [rw["prompt"].format(rw["subject"])] if which == "rewrite" else list(r["paraphrase_prompts"])
+        for p in ps:
+            prompts.append(p)
+            trues.append(rw["target_true"]["str"])
+            news.append(rw["target_new"]["str"])
+    tok = tokenizer
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        a = _target_nll(model, tok, prompts, trues)
+        b = _target_nll(model, tok, prompts, news)
+    finally:
+        tok.padding_side = side
+    return float((a < b).float().mean())
+
+
+def save_world(world: World, path: Path) -> None:
+    """Write the world's records and corpus (original CounterFact schema) into ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "counterfact.json").write_text(json.dumps(world.records))
+    (path / "train.txt").write_text("\n".join(world.train) + "\n")
+    (path / "heldout.txt").write_text("\n".join(world.heldout) + "\n")
+
+
+def build_checkpoint(path: Path, world_cfg: WorldConfig, train_cfg: TrainConfig, progress: bool = True,
+                     desc: str | None = None) -> Path:
+    """Generate the world, train the model and write everything to ``path``
+    atomically (a temporary directory beside it, renamed at the end)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    world = generate_world(world_cfg)
+    model, tokenizer, report = train_model(world, train_cfg, progress=progress, desc=desc)
+    pool = [r for r in world.records]
+    report["accuracy_rewrite"] = fact_accuracy(model, tokenizer, pool)
+    report["accuracy_paraphrase"] = fact_accuracy(model, tokenizer, pool, which="paraphrase")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_world(world, tmp)
+        (tmp / "world.json").write_text(json.dumps(
+            {"world": world_cfg.to_dict(), "train": train_cfg.to_dict(), "report": report}, indent=1))
+        if path.exists():  # a concurrent build finished first, or a forced rebuild
+            old = path.with_name(f".{path.name}-old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built %s in %.0fs: %s", path, report["train_seconds"], report)
+    return path
