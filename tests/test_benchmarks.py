@@ -1,0 +1,106 @@
+"""The benchmark script runs in its tiny mode and writes the expected entries.
+
+No timing assertions: only that every measurement ran (or says why it was skipped)
+and carries both sides' figures, the ratio and the machine."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import editkit as ek
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "run.py"
+HAVE_METRICS = hasattr(ek, "evaluate") and hasattr(ek, "summarize")
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("bench_run", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    readme = (ROOT / "README.md").read_text()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--threads", "1"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (ROOT / "README.md").read_text() == readme, "quick mode must not touch the README"
+    return out, json.loads(out.read_text()), proc.stdout
+
+
+def test_quick_run_writes_every_entry(quick):
+    out, entries, stdout = quick
+    assert isinstance(entries, list)
+    by_name = {e["name"]: e for e in entries}
+    settings = entries[0]["machine"]["settings"]
+    expected = [f"values E={E}" for E in settings["value_sizes"]]
+    expected += [f"covariance n={n}" for n in settings["cov_samples"]] + ["covariance memory vs samples"]
+    expected += [f"end-to-end MEMIT {settings['e2e_facts']} facts"]
+    if HAVE_METRICS:
+        expected += ["scoring", "precompute full corpus"]
+        expected += [f"precompute {m}x d_in" for m in settings["precompute_multiples"]]
+    else:
+        expected += ["scoring", "precompute"]  # present, marked skipped
+    missing = [n for n in expected if n not in by_name]
+    assert not missing, f"missing entries {missing}; have {sorted(by_name)}"
+    for e in entries:
+        for key in ("name", "section", "params", "ours", "baseline", "ratio", "unit", "repeats", "machine"):
+            assert key in e, (e["name"], key)
+        assert {"cpu", "cores", "torch", "torch_threads", "device"} <= set(e["machine"])
+        if e.get("skipped"):
+            assert not HAVE_METRICS and e["section"] in ("scoring", "precompute"), e
+    assert out.with_name("RESULTS-quick.md").exists()
+    assert "| Benchmark |" in stdout
+
+
+def test_side_by_side_figures(quick):
+    _, entries, _ = quick
+    by_name = {e["name"]: e for e in entries}
+    for e in entries:
+        if e["section"] == "values":
+            assert e["ours"]["s_per_edit"] > 0 and e["baseline"]["s_per_edit"] > 0 and e["ratio"] > 0
+            assert e["ours"]["max_abs_delta_diff"] < 1e-3  # the same objective, the same values
+            assert e["params"]["stop_nll"] == 0.0
+        if e["section"] == "covariance" and e["name"].startswith("covariance n="):
+            assert e["ours"]["tokens"] == e["baseline"]["tokens"] > 0
+            assert e["ours"]["tokens_per_s"] > 0 and e["baseline"]["peak_rss_delta_mb"] >= 0
+    e2e = next(e for e in entries if e["section"] == "e2e")
+    assert {"stats_s", "values_s", "solve_s", "edit_s"} <= set(e2e["ours"])
+    if HAVE_METRICS:
+        sc = by_name["scoring"]
+        assert sc["ours"]["records_per_s"] > 0 and sc["baseline"]["records_per_s"] > 0
+        assert sc["ours"]["max_abs_nll_diff"] < 1e-3
+        for m in ("ES", "PS", "NS", "S"):
+            assert m in by_name["precompute full corpus"]["ours"]
+
+
+def test_readme_updater_touches_only_the_marked_section(tmp_path):
+    run = _load_run()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Performance\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\n## Next\nkeep\n")
+    assert run.update_readme("| a | b |\n| - | - |", readme)
+    text = readme.read_text()
+    assert text == "# x\n\n## Performance\n\n<!-- bench:start -->\n| a | b |\n| - | - |\n<!-- bench:end -->\n\n## Next\nkeep\n"
+    assert not run.update_readme("| a | b |\n| - | - |", readme)  # idempotent
+    (tmp_path / "bad.md").write_text("no markers\n")
+    with pytest.raises(ValueError):
+        run.update_readme("t", tmp_path / "bad.md")
+
+
+def test_table_renders_skipped_and_missing_figures():
+    run = _load_run()
+    entries = [{"name": "scoring", "section": "scoring", "skipped": "no metrics", "repeats": 0},
+               {"name": "end-to-end MEMIT 2 facts", "section": "e2e", "ours": {"stats_s": 0.1, "values_s": None},
+                "baseline": None, "ratio": None, "repeats": 1, "params": {}}]
+    table = run.markdown_table(entries, {"cpu": "x", "cores": 1, "torch": "t", "torch_threads": 1, "device": "cpu"})
+    assert "skipped: no metrics" in table and "end-to-end" in table
