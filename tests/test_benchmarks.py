@@ -59,8 +59,10 @@ def test_quick_run_writes_every_entry(quick):
         assert {"cpu", "cores", "torch", "torch_threads", "device"} <= set(e["machine"])
         if e.get("skipped"):
             assert not HAVE_METRICS and e["section"] in ("scoring", "precompute"), e
-    assert out.with_name("RESULTS-quick.md").exists()
-    assert "| Benchmark |" in stdout
+    md = out.with_name("RESULTS-quick.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert rows and rows[0].startswith("| Benchmark |") and "| Benchmark |" in stdout
+    assert len({row.count("|") for row in rows}) == 1, "a cell contains a stray '|'"
 
 
 def test_side_by_side_figures(quick):
