@@ -8,8 +8,10 @@
 """
 import logging as _logging
 
+from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
 from .editors import EMMET, MEMIT, ROME, Edit, EditError, Editor, available_presets, preset_for
 from .keys import context_prefixes, hidden_at_subject, keys
+from .metrics import evaluate, summarize
 from .models import ADAPTERS, Adapter, LanguageModel, ModelUnavailableError, UnknownArchitectureError, load_model
 from .requests import EditRequest, RequestError
 from .solver import SingularSystemError, solve

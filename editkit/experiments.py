@@ -164,10 +164,10 @@ def _records(records: Sequence[Any], n: int | None) -> list[Any]:
     return records[:n] if n is not None else records
 
 
-def _evaluate(lm, records, batch_size, **cols) -> pd.DataFrame:
+def _evaluate(lm, records, eval_batch_size, /, **cols) -> pd.DataFrame:
     from .metrics import evaluate
 
-    frame = evaluate(lm, records, batch_size=batch_size, progress=False)
+    frame = evaluate(lm, records, batch_size=eval_batch_size, progress=False)
     for k, v in cols.items():
         frame[k] = v
     return frame

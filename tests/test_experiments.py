@@ -1,0 +1,137 @@
+"""Experiment runners: tidy frames, incremental writes, and resuming after an interruption."""
+from __future__ import annotations
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+
+import editkit as ek
+from editkit import experiments, plots
+from editkit.testing import TINY_TEXT, tiny_lm
+
+matplotlib.use("Agg")
+
+SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Apple A5", "Kaiser Chiefs", "Anaal Nathrakh", "Jürgen Müller",
+            "Édith Piaf", "Thomas Joannes Stieltjes"]
+OBJECTS = ["English", "French", "Spain", "Sweden"]
+
+
+def _record(i: int) -> dict:
+    s = SUBJECTS[i]
+    true, new = OBJECTS[i % 4], OBJECTS[(i + 1) % 4]
+    other = SUBJECTS[(i + 3) % len(SUBJECTS)]
+    return {"case_id": i, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                                 "subject": s, "target_new": {"str": new}, "target_true": {"str": true}},
+            "paraphrase_prompts": [f"{s} is a citizen of"],
+            "neighborhood_prompts": [f"The native language of {other} is"],
+            "attribute_prompts": [], "generation_prompts": [f"{s} was born in"]}
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("gpt2", n_layer=3)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return ek.load_counterfact([_record(i) for i in range(len(SUBJECTS))])
+
+
+FAST = dict(corpus=TINY_TEXT, n_samples=None, n_prefixes=1, prefix_len=3, values=ek.ValueConfig(v_steps=3))
+KEY = ["method", "layer", "case_id", "kind", "prompt_index"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, n_calls: int) -> dict:
+    """Make experiments' scoring raise after ``n_calls`` calls (a simulated Ctrl-C)."""
+    real = experiments._evaluate
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > n_calls:
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(experiments, "_evaluate", flaky)
+    return calls
+
+
+def test_layer_sweep_frame_and_resume(lm, records, tmp_path, monkeypatch):
+    before = [lm.edit_module(l).weight.clone() for l in range(lm.n_layers)]
+    args = (lm, records, ["ROME", "MEMIT"], [0, 1], 4)
+    kw = dict(editor_kwargs=FAST, chunk=2, run_dir=tmp_path / "run", progress=False)
+    _interrupt_after(monkeypatch, 5)  # 2 pre units + 3 of the first edit unit's... then Ctrl-C
+    with pytest.raises(Interrupt):
+        experiments.layer_sweep(*args, **kw)
+    partial = experiments.load_run(tmp_path / "run")
+    assert 0 < len(list((tmp_path / "run" / "units").glob("*.csv"))) < 2 + 2 * 2 * 2
+    # the model was restored even though the run died mid-edit
+    for l, w in enumerate(before):
+        assert torch.equal(lm.edit_module(l).weight, w)
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 10_000)
+    frame = experiments.layer_sweep(*args, **kw)
+    post = frame[frame.phase == "post"]
+    # every (method, layer, record, prompt) exactly once
+    assert not post.duplicated(KEY).any()
+    per_record = len(frame[(frame.phase == "pre")]) // 4
+    assert len(post) == 2 * 2 * 4 * per_record
+    assert set(post.method) == {"ROME", "MEMIT"} and set(post.layer) == {0, 1}
+    assert {"nll_new", "nll_true", "success", "delta_norm"} <= set(post.columns)
+    # finished units were not recomputed: only the missing single edits were scored again
+    assert calls["n"] == len(post[["method", "layer", "case_id"]].drop_duplicates()) - len(
+        partial[partial.phase == "post"][["method", "layer", "case_id"]].drop_duplicates())
+    assert experiments.load_run(tmp_path / "run").attrs["run"]["params"]["layers"] == [0, 1]
+    fig = plots.layer_sweep(frame)
+    assert len(fig.axes) == 4
+
+
+def test_run_dir_is_keyed_by_parameters(lm, records, tmp_path):
+    experiments.batch_sweep(lm, records, ["MEMIT"], 1, [2], editor_kwargs=FAST, root=tmp_path, progress=False)
+    experiments.batch_sweep(lm, records, ["MEMIT"], 1, [2, 4], editor_kwargs=FAST, root=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match="other parameters"):
+        run = next(tmp_path.iterdir())
+        experiments.batch_sweep(lm, records, ["EMMET"], 1, [2], editor_kwargs=FAST, run_dir=run, progress=False)
+
+
+def test_batch_sweep_sizes_and_lambda(lm, records, tmp_path):
+    frame = experiments.batch_sweep(lm, records, ["MEMIT", "EMMET"], 1, [2, 4], editor_kwargs=FAST,
+                                    regs={"MEMIT": [1.0, 100.0]}, root=tmp_path, progress=False)
+    post = frame[frame.phase == "post"]
+    counts = post.groupby(["method", "reg", "batch_size"]).case_id.nunique()
+    assert counts.loc[("MEMIT", 1.0, 4)] == 4 and counts.loc[("EMMET", 0.1, 2)] == 2
+    assert len(counts) == 2 * 2 + 2
+    fig = plots.batch_sweep(frame)
+    assert len(fig.axes) == 3
+
+
+def test_sequential_batched_resumes_to_the_same_result(lm, records, tmp_path, monkeypatch):
+    before = lm.edit_module(1).weight.clone()
+    kw = dict(editor_kwargs=FAST, heldout=TINY_TEXT[:10], progress=False)
+    clean = experiments.sequential_batched(lm, records, ["MEMIT"], 1, [2], 8, run_dir=tmp_path / "a", **kw)
+    assert torch.equal(lm.edit_module(1).weight, before)
+    _interrupt_after(monkeypatch, 4)  # pre, batch 0, checkpoint..., dies in the middle
+    with pytest.raises(Interrupt):
+        experiments.sequential_batched(lm, records, ["MEMIT"], 1, [2], 8, run_dir=tmp_path / "b", **kw)
+    assert torch.equal(lm.edit_module(1).weight, before)
+    assert (tmp_path / "b" / "state-MEMIT-bs000002.safetensors").exists()
+    monkeypatch.undo()
+    resumed = experiments.sequential_batched(lm, records, ["MEMIT"], 1, [2], 8, run_dir=tmp_path / "b", **kw)
+    cols = ["phase", "batch", "edits_so_far", "case_id", "kind", "prompt_index", "nll_new", "nll_true",
+            "update_norm", "perplexity"]
+    a = clean[cols].sort_values(cols[:6]).reset_index(drop=True)
+    b = resumed[cols].sort_values(cols[:6]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-4, atol=1e-5)
+    probes = resumed[resumed.phase == "probe"].sort_values("edits_so_far")
+    assert probes.edits_so_far.tolist() == [0, 2, 4, 6, 8]
+    assert (probes.update_norm.diff().dropna() != 0).all()
+    assert set(resumed[resumed.phase == "all"].edits_so_far) == {4, 8}
+    for phase in ("batch", "all"):
+        plots.sequential(resumed, "MEMIT", phase=phase)
+    plots.sequential_probes(resumed, "MEMIT")
