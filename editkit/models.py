@@ -65,7 +65,7 @@ class Adapter:
 
 _GPT2 = Adapter("gpt2", "transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", conv1d=True)
 _GPTJ = Adapter("gptj", "transformer.h", "transformer.h.{}.mlp.fc_out", "transformer.ln_f")
-_NEOX = Adapter("gpt_neox", "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", unembed="embed_out")
+_NEOX = Adapter("gpt_neox", "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm")
 _LLAMA = Adapter("llama", "model.layers", "model.layers.{}.mlp.down_proj", "model.norm")
 
 #: ``config.model_type`` → adapter. Copy one and pass ``adapter=`` to ``load_model``

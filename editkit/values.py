@@ -94,15 +94,18 @@ def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequenc
     return batch, torch.tensor(owner), targets
 
 
-def _per_row_terms(logits: torch.Tensor, targets, n_rewrite: int):
+def _per_row_terms(hidden: torch.Tensor, unembed: torch.nn.Module, targets, n_rewrite: int):
     """Mean target NLL of each rewrite row, and last-token log-probs of essence rows.
 
-    Only the needed positions go through log-softmax (the vocabulary can be 128k)."""
-    t_row, t_pos, t_ids, ess_rows, ess_pos = (t.to(logits.device) for t in targets)
-    tok_logp = logits[t_row, t_pos].float().log_softmax(-1).gather(1, t_ids[:, None]).squeeze(1)
-    nll = torch.zeros(n_rewrite, device=logits.device).index_add(0, t_row, -tok_logp)
-    count = torch.zeros(n_rewrite, device=logits.device).index_add(0, t_row, torch.ones_like(tok_logp))
-    ess = logits[ess_rows, ess_pos].float().log_softmax(-1)
+    Only the positions the loss needs go through the unembedding and log-softmax:
+    the vocabulary can be 128k while a handful of positions per prompt matter."""
+    t_row, t_pos, t_ids, ess_rows, ess_pos = (t.to(hidden.device) for t in targets)
+    logits = unembed(hidden[torch.cat([t_row, ess_rows]), torch.cat([t_pos, ess_pos])]).float()
+    n_tok = len(t_row)
+    tok_logp = logits[:n_tok].log_softmax(-1).gather(1, t_ids[:, None]).squeeze(1)
+    nll = torch.zeros(n_rewrite, device=hidden.device).index_add(0, t_row, -tok_logp)
+    count = torch.zeros(n_rewrite, device=hidden.device).index_add(0, t_row, torch.ones_like(tok_logp))
+    ess = logits[n_tok:].log_softmax(-1)
     return nll / count, ess
 
 
@@ -122,15 +125,18 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     d = lm.d_out(layer)
     dev = module.weight.device
 
+    unembed = lm.model.get_output_embeddings()
+    base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
+
     def forward():
-        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
 
     # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
     with torch.no_grad(), capture_output(block) as seen:
         logits = forward()
     h = seen[0][rows.to(seen[0].device), cols.to(seen[0].device)].float()
     h = h[torch.arange(E) * P].to(dev)  # rows of prefix 0 (""), one per request
-    nll0, ess0 = _per_row_terms(logits, targets, E * P)
+    nll0, ess0 = _per_row_terms(logits, unembed, targets, E * P)
     nll_init = nll0[: E * P].view(E, P).mean(1).detach().cpu()
     logp0 = ess0.detach()
 
@@ -147,7 +153,7 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     with no_param_grads(lm.model), add_at_positions(module, rows, cols, lambda: delta[owner_dev]):
         for step in bar:
             logits = forward()
-            nll_rows, ess = _per_row_terms(logits, targets, E * P)
+            nll_rows, ess = _per_row_terms(logits, unembed, targets, E * P)
             nll_req_t = nll_rows[: E * P].view(E, P).mean(1).to(dev)
             nll_req = nll_req_t.detach().cpu()
             # Requests that already reach the wanted probability stop here, as they would alone.
@@ -173,7 +179,7 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         else:
             # Measure the NLL reached by the final δ.
             with torch.no_grad():
-                nll_rows, _ = _per_row_terms(forward(), targets, E * P)
+                nll_rows, _ = _per_row_terms(forward(), unembed, targets, E * P)
                 nll_req = nll_rows[: E * P].view(E, P).mean(1).cpu()
     return ValueResult(delta=delta.detach().float(), h=h.detach(), nll_init=nll_init, nll_final=nll_req,
                        steps=steps, history=history)
