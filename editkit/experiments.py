@@ -183,7 +183,7 @@ def heldout_texts(source: str = "world", n: int = 200, seed: int = 0) -> list[st
     if str(source).startswith("world"):
         from .world import world_corpus
 
-        texts = list(world_corpus("heldout"))
+        texts = list(world_corpus("heldout", size=str(source).partition(":")[2] or "default"))
     else:
         texts = list(iter_corpus(HubCorpus("wikitext", "wikitext-103-raw-v1", "test"), n * 5))
     random.Random(seed).shuffle(texts)
@@ -245,7 +245,7 @@ def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
     if trace and not store.has("trace"):
         from .tracing import layer_importance
 
-        imp = layer_importance(lm, recs[: min(len(recs), 50)])
+        imp = layer_importance(lm, recs[: min(len(recs), 50)], progress=False)
         imp["phase"] = "trace"
         store.write("trace", imp)
     return store.load()

@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["summary", "layer_sweep", "batch_sweep", "sequential", "sequential_probes", "save", "METRIC_NAMES"]
+__all__ = ["summary", "layer_sweep", "batch_sweep", "sequential", "sequential_probes", "trace_heatmap",
+           "layer_importance", "save", "METRIC_NAMES"]
 
 METRIC_NAMES = {"ES": "Efficacy (ES)", "PS": "Paraphrase (PS)", "NS": "Neighborhood (NS)", "S": "Score (S)",
                 "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighborhood magnitude"}
@@ -69,13 +70,7 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
     if len(trace):
-        ax = axes[0][-1]
-        t = trace.groupby("layer")["score"].agg(["mean", "sem"]).reset_index()
-        ax.plot(t["layer"], t["mean"], marker="o", ms=3, color="k")
-        ax.fill_between(t["layer"], t["mean"] - 1.96 * t["sem"], t["mean"] + 1.96 * t["sem"], alpha=0.2, color="k")
-        ax.set_title("Causal tracing (MLP)")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("indirect effect")
+        _importance(axes[0][-1], trace)
     axes[0][0].legend(title="method (-- best layer)", fontsize=8)
     fig.suptitle(title or "Single edits by layer")
     fig.tight_layout()
@@ -140,6 +135,50 @@ def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None
         ax.set_xlabel("edits so far")
         ax.set_ylabel({"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity"}[col])
     fig.suptitle(title or f"{method}: model drift under sequential editing")
+    fig.tight_layout()
+    return fig
+
+
+def trace_heatmap(frame: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """The ROME-paper picture: P(true object) after restoring one (token, layer) site
+    of a run with a corrupted subject; ``frame`` from :func:`editkit.tracing.causal_trace`."""
+    grid = frame.pivot_table(index="token_index", columns="layer", values="score")
+    labels = frame.drop_duplicates("token_index").set_index("token_index")["token"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * grid.shape[1], 0.8 + 0.3 * grid.shape[0]))
+    sns.heatmap(grid, cmap="Purples", ax=ax, cbar_kws={"label": "P(true object)"},
+                yticklabels=[f"{t}{'*' if s else ''}" for t, s in zip(labels.reindex(grid.index),
+                             frame.drop_duplicates("token_index").set_index("token_index")["is_subject"]
+                             .reindex(grid.index))])
+    ax.set_xlabel("restored MLP output at layer" if frame.attrs.get("kind") == "mlp" else "restored layer")
+    ax.set_ylabel("token (* = subject)")
+    a = frame.attrs
+    ax.set_title(title or f"{a.get('prompt', '')} → {a.get('target', '')}\n"
+                          f"clean {a.get('clean', float('nan')):.2f}, corrupted {a.get('corrupted', float('nan')):.2f}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _importance(ax, frame: pd.DataFrame) -> None:
+    for pos, style in (("subject_last", "-"), ("last", ":")):
+        t = frame[frame["position"] == pos].sort_values("layer")
+        sem = t["sem"].fillna(0)
+        ax.plot(t["layer"], t["indirect_effect"], ls=style, marker="o", ms=3, color="k",
+                label={"subject_last": "subject's last token", "last": "prompt's last token"}[pos])
+        ax.fill_between(t["layer"], t["indirect_effect"] - 1.96 * sem, t["indirect_effect"] + 1.96 * sem,
+                        alpha=0.15, color="k", linewidth=0)
+    ax.set_xlabel("layer (MLP output restored)")
+    ax.set_ylabel("indirect effect on P(true object)")
+    ax.set_title("Causal tracing")
+    ax.legend(fontsize=7)
+
+
+def layer_importance(frame: pd.DataFrame, title: str | None = None) -> plt.Figure:
+    """Average indirect effect per layer at the subject's last token and at the last
+    token; ``frame`` from :func:`editkit.tracing.layer_importance`."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    _importance(ax, frame)
+    ax.set_title(title or "Where is the fact? (causal tracing)")
     fig.tight_layout()
     return fig
 

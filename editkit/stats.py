@@ -89,7 +89,7 @@ def iter_corpus(corpus: str | Sequence[str] | os.PathLike, n_samples: int | None
 
     ``corpus`` is a list of strings, a local ``.txt`` file (one document per
     non-empty line), ``.jsonl`` (a ``text`` field), a directory of those, the name
-    ``"world"`` (the embedded world's training corpus), or a Hub dataset name
+    ``"world"`` (the embedded world's training corpus; ``"world:<size>"`` for another size), or a Hub dataset name
     (``"wikitext"``, ``"wikipedia"`` or any ``owner/name`` with a ``text`` column),
     streamed through ``datasets``.
     """
@@ -111,10 +111,10 @@ def _iter_corpus(corpus: Any) -> Iterable[str]:
     if not isinstance(corpus, (str, os.PathLike)):
         return corpus  # any iterable of strings
     name = str(corpus)
-    if name == "world":
+    if name == "world" or name.startswith("world:"):
         from .world import world_corpus
 
-        return world_corpus("train")
+        return world_corpus("train", size=name.partition(":")[2] or "default")
     path = Path(name).expanduser()
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
