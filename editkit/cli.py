@@ -21,13 +21,14 @@ NOTEBOOKS = ["world.ipynb", "quickstart.ipynb", "layer_sweep.ipynb", "batch_edit
              "sequential_batched.ipynb", "explore.ipynb"]
 
 #: Tiny parameters for ``--quick`` (seconds per notebook, on the miniature world).
+_MINI = dict(model="world-gpt2-mini", dataset="world:tiny", corpus="world:tiny")
 QUICK = {
-    "world.ipynb": dict(model="world-gpt2-mini", n_facts=8, n_trace=2),
-    "quickstart.ipynb": dict(model="world-gpt2-mini"),
-    "layer_sweep.ipynb": dict(model="world-gpt2-mini", n_edits=3, layers=[0, 1, 2], trace=False),
-    "batch_editing.ipynb": dict(model="world-gpt2-mini", batch_sizes=[2, 4], layer=1),
-    "sequential_batched.ipynb": dict(model="world-gpt2-mini", batch_sizes=[2, 4], total_edits=4, layer=1),
-    "explore.ipynb": dict(model="world-gpt2-mini"),
+    "world.ipynb": dict(_MINI, n_facts=6, n_trace=2),
+    "quickstart.ipynb": dict(_MINI, n_records=4),
+    "layer_sweep.ipynb": dict(_MINI, methods=["ROME", "MEMIT"], n_edits=2, layers=[0, 1], trace=True),
+    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=1),
+    "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layer=1),
+    "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:tiny"),
 }
 
 

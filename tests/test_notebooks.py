@@ -1,0 +1,61 @@
+"""Every notebook runs under papermill with tiny parameters on the miniature world,
+writes its figures, and its runs hold the expected rows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from editkit import cli, experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nb")
+    figures, runs = out / "figures", out / "runs"
+    failed = cli.run_notebooks(cli.NOTEBOOKS, NOTEBOOKS, figures, runs, quick=True)
+    return figures, runs, failed
+
+
+def test_every_notebook_has_a_parameters_cell():
+    import nbformat
+
+    for name in cli.NOTEBOOKS:
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, name
+        assert "figures_dir" in tagged[0].source or name == "explore.ipynb"
+
+
+def test_notebooks_run_and_write_figures(executed):
+    figures, runs, failed = executed
+    assert failed == []
+    names = {p.name for p in figures.glob("*.png")}
+    for prefix in ("world_trace_example", "world_trace_layers", "layer_sweep_", "batch_editing_",
+                   "sequential_batch_MEMIT", "sequential_all_EMMET", "sequential_drift_MEMIT"):
+        assert any(n.startswith(prefix) for n in names), (prefix, sorted(names))
+    for png in figures.glob("*.png"):
+        assert png.with_suffix(".pdf").exists() and png.stat().st_size > 5000
+
+
+def test_notebook_runs_hold_the_expected_rows(executed):
+    _, runs, _ = executed
+    q = cli.QUICK
+    frames = {p.name.split("-")[0]: experiments.load_run(p) for p in runs.iterdir() if (p / "params.json").exists()}
+    layer = frames["layer_sweep"]
+    post = layer[layer.phase == "post"]
+    assert set(post.layer) == set(q["layer_sweep.ipynb"]["layers"])
+    assert post.groupby(["method", "layer"]).case_id.nunique().eq(q["layer_sweep.ipynb"]["n_edits"]).all()
+    assert {"ES", "PS", "NS"} <= set(__import__("editkit").summarize(post).index)
+    batch = frames["batch_sweep"]
+    sizes = batch[batch.phase == "post"].groupby(["method", "batch_size"]).case_id.nunique()
+    assert sorted(set(sizes.index.get_level_values(1))) == q["batch_editing.ipynb"]["batch_sizes"]
+    assert all(sizes.loc[(m, b)] == b for m, b in sizes.index)
+    seq = frames["sequential_batched"]
+    probes = seq[(seq.phase == "probe") & (seq.method != "none")]
+    assert {"update_norm", "perplexity", "weight_norm"} <= set(probes.columns)
+    assert probes.groupby(["method", "batch_size"]).edits_so_far.max().eq(
+        q["sequential_batched.ipynb"]["total_edits"]).all()
