@@ -31,15 +31,20 @@ __all__ = ["WorldConfig", "World", "TrainConfig", "RELATIONS", "SIZES", "WORLD_M
 #: Bumped when the training code changes in a way that changes the result.
 FORMAT_VERSION = 1
 
-#: The embedded models: training settings (the world is ``world_config("default")``).
-WORLD_MODELS: dict[str, TrainConfig] = {
-    "world-gpt2": TrainConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, vocab_size=1024, epochs=30),
-    "world-llama": TrainConfig(arch="llama", n_layer=4, d_model=128, n_head=4, vocab_size=1024, epochs=30),
+#: The embedded models: name -> (world size, training settings). The ``-mini``
+#: models are trained in seconds on the small world, for quick runs and tests of
+#: the pipeline only (they do not know their facts well); pair them with
+#: ``ek.load_counterfact("world:small")``.
+WORLD_MODELS: dict[str, tuple[str, TrainConfig]] = {
+    "world-gpt2": ("default", TrainConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4)),
+    "world-llama": ("default", TrainConfig(arch="llama", n_layer=4, d_model=128, n_head=4)),
+    "world-gpt2-mini": ("small", TrainConfig(arch="gpt2", n_layer=2, d_model=64, n_head=4, vocab_size=600, epochs=4)),
+    "world-llama-mini": ("small", TrainConfig(arch="llama", n_layer=2, d_model=64, n_head=4, vocab_size=600, epochs=4)),
 }
 
 #: Biographies per person in the training corpus (one fresh order and choice of
 #: templates per training epoch).
-TRAIN_BIOS = 30
+TRAIN_BIOS = 96
 
 
 def world_config(size: str = "default", **overrides) -> WorldConfig:
@@ -62,11 +67,12 @@ def world_model_path(name: str, build: bool = True, *, progress: bool = True, fo
                      world_cfg: WorldConfig | None = None, train_cfg: TrainConfig | None = None) -> Path:
     """The checkpoint directory of embedded model ``name`` (``"world-gpt2"`` /
     ``"world-llama"``), trained first when missing and ``build`` (or ``force``)."""
-    if train_cfg is None:
+    if train_cfg is None or world_cfg is None:
         if name not in WORLD_MODELS:
             raise KeyError(f"unknown world model {name!r}; choose one of {sorted(WORLD_MODELS)}")
-        train_cfg = WORLD_MODELS[name]
-    world_cfg = world_cfg or world_config()
+        size, default_train = WORLD_MODELS[name]
+        train_cfg = train_cfg or default_train
+        world_cfg = world_cfg or world_config(size)
     path = _root() / f"{name}-{_settings_key(world_cfg, train_cfg)}"
     if force or not (path / "model.safetensors").exists():
         if not (build or force):

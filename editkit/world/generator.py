@@ -78,14 +78,14 @@ RELATIONS: tuple[Relation, ...] = (
          "Philips", "Nestle", "Boeing", "Airbus", "Samsung", "Oracle", "Adobe", "Netflix", "Shell")),
 )
 
-#: Syllables of invented names: a small inventory, so the tokenizer learns them as
-#: tokens and a family name is 2-3 informative tokens rather than a run of letters.
-_SYLLABLES = ("ka", "lo", "mi", "ren", "dor", "sa", "vel", "tu", "bra", "nix", "zo", "pe", "gar", "lin", "mo",
-              "ta", "ri", "sen", "vo", "du", "ha", "kel", "mar", "no", "ple", "ros", "shi", "tan", "ul", "ve",
-              "wen", "xa", "yor", "zel", "bi", "cor", "fa", "gu", "jo", "lu")
+#: Syllables of invented names (onset + vowel, 126 of them): a small inventory, so
+#: the tokenizer learns syllables (and frequent pairs) as tokens and a name is a few
+#: informative tokens rather than a run of letters.
+_SYLLABLES = tuple(o + v for o in ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
+                                   "tr", "sh") for v in ("a", "e", "i", "o", "u", "ai", "ou"))
 
 #: Named sizes: (n_subjects, n_reserve).
-SIZES = {"default": (1024, 256), "small": (200, 64), "tiny": (24, 12)}
+SIZES = {"default": (768, 192), "small": (200, 64), "tiny": (24, 12)}
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class WorldConfig:
     """
 
     seed: int = 0
-    n_subjects: int = 1024
-    n_reserve: int = 256
+    n_subjects: int = 768
+    n_reserve: int = 192
     n_relations: int = 6
     n_paraphrase: int = 2
     n_neighborhood: int = 10
@@ -108,7 +108,7 @@ class WorldConfig:
     n_generation: int = 3
     n_train_bios: int = 1
     n_heldout_bios: int = 1
-    name_syllables: tuple[int, int] = (2, 3)  # syllables in the family name (min, max)
+    name_syllables: tuple[int, int] = (2, 2)  # syllables in the family name (min, max)
 
     @classmethod
     def sized(cls, size: str = "default", **kw) -> "WorldConfig":
@@ -145,9 +145,11 @@ class World:
 
 
 def _names(rng: random.Random, n: int, syllables: tuple[int, int]) -> list[str]:
-    """``n`` distinct names "Given Family". Family names (2-3 syllables) are unique;
-    given names come from a shared pool of 48, so the family name, the end of the
-    subject, carries the identity."""
+    """``n`` distinct names "Given Family". Family names (2 syllables by default) are
+    unique; given names come from a shared pool of 48, so the family name, the end
+    of the subject, carries the identity. With the world models' vocabulary every
+    given and family name is one token: the subject is two tokens and its last
+    token is the person's own."""
     given: list[str] = []
     while len(given) < 48:
         g = "".join(rng.sample(_SYLLABLES, 2)).capitalize()

@@ -21,13 +21,20 @@ __all__ = ["train_tokenizer", "STYLES"]
 STYLES = ("gpt2", "llama")
 
 
-def train_tokenizer(texts: Iterable[str], style: str = "gpt2", vocab_size: int = 2000) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer of the given ``style`` on ``texts``."""
+def train_tokenizer(texts: Iterable[str], style: str = "gpt2", vocab_size: int = 2000,
+                    add_prefix_space: bool = False) -> PreTrainedTokenizerFast:
+    """Train a BPE tokenizer of the given ``style`` on ``texts``.
+
+    ``add_prefix_space`` (gpt2 style only) treats the first word of a text like any
+    other, as GPT-2's ``add_prefix_space=True`` does: ``"Anna"`` at the start then
+    becomes the same token ``"ĠAnna"`` as mid-sentence. The world's GPT-2 model uses
+    it so a subject at the start of a prompt has the same tokens as in running text
+    (the Llama style does the same through its prepended ``▁``)."""
     texts = list(texts)
     if style == "gpt2":
         eos = "<|endoftext|>"
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=True)
         trainer = trainers.BpeTrainer(
