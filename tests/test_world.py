@@ -137,3 +137,10 @@ def test_tracing_restoring_everything_recovers_the_clean_run():
     last_layer = frame[frame.layer == lm.n_layers - 1]
     row = last_layer[last_layer.is_last].iloc[0]
     assert row.score == pytest.approx(frame.attrs["clean"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["world-gpt2", "world-llama"])
+def test_world_presets_load(name):
+    for cls in (ek.ROME, ek.MEMIT, ek.EMMET):
+        editor = cls.preset(name)
+        assert editor.corpus == "world" and editor.edit_layers == [0]

@@ -91,12 +91,14 @@ def _encode(tokenizer, texts: Sequence[str], objects: Sequence[str]) -> tuple[li
     import re
 
     pattern = re.compile(r" (" + "|".join(re.escape(o) for o in sorted(objects, key=len, reverse=True)) + r")\.")
-    enc = tokenizer(list(texts), add_special_tokens=True, return_offsets_mapping=True)
     ids, facts = [], []
-    for text, x, offs in zip(texts, enc["input_ids"], enc["offset_mapping"]):
-        spans = [(m.start(1), m.end(1)) for m in pattern.finditer(text)]
-        facts.append([i for i, (a, b) in enumerate(offs) if b > a and any(a < e and b > s for s, e in spans)])
-        ids.append(list(x) + [tokenizer.eos_token_id])
+    for c in range(0, len(texts), 4096):  # in chunks: offsets of the whole corpus at once cost ~1 GiB
+        chunk = list(texts[c:c + 4096])
+        enc = tokenizer(chunk, add_special_tokens=True, return_offsets_mapping=True)
+        for text, x, offs in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            spans = [(m.start(1), m.end(1)) for m in pattern.finditer(text)]
+            facts.append([i for i, (a, b) in enumerate(offs) if b > a and any(a < e and b > s for s, e in spans)])
+            ids.append(list(x) + [tokenizer.eos_token_id])
     return ids, facts
 
 
