@@ -21,14 +21,14 @@ NOTEBOOKS = ["world.ipynb", "quickstart.ipynb", "layer_sweep.ipynb", "batch_edit
              "sequential_batched.ipynb", "explore.ipynb"]
 
 #: Tiny parameters for ``--quick`` (seconds per notebook, on the miniature world).
-_MINI = dict(model="world-gpt2-mini", dataset="world:tiny", corpus="world:tiny")
+_MINI = dict(model="world-gpt2-mini", dataset="world:small", corpus="world:small")
 QUICK = {
     "world.ipynb": dict(_MINI, n_facts=6, n_trace=2),
     "quickstart.ipynb": dict(_MINI, n_records=4),
     "layer_sweep.ipynb": dict(_MINI, methods=["ROME", "MEMIT"], n_edits=2, layers=[0, 1], trace=True),
     "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=1),
     "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layer=1),
-    "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:tiny"),
+    "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:small"),
 }
 
 

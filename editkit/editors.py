@@ -20,7 +20,7 @@ import torch
 from .keys import context_prefixes, hidden_at_subject, keys
 from .models import LanguageModel
 from .requests import EditRequest, RequestError
-from .solver import solve
+from .solver import ridge, solve
 from .stats import corpus_name, second_moment
 from .values import ValueConfig, optimize_values
 
@@ -110,6 +110,7 @@ class Editor:
     seed: int = 0
     values: ValueConfig = field(default_factory=ValueConfig)
     solve_dtype: str = "float64"
+    c0_ridge: float = 0.0  # add ε·mean(diag C0)·I before solving; for layers with dead units (see solver.ridge)
 
     constraint: ClassVar[str]
     method: ClassVar[str]
@@ -219,7 +220,8 @@ class Editor:
             H = hidden_at_subject(lm, reqs, top)
             R = (Z.cpu() - H).T / (len(layers) - i)  # this layer's share of what is left
             W = lm.weight(layer)
-            sol = solve(K.to(W.device), R.to(W.device), C0[layer].to(W.device), self.constraint, self.reg, dtype)
+            C = ridge(C0[layer].to(device=W.device, dtype=dtype), self.c0_ridge)
+            sol = solve(K.to(W.device), R.to(W.device), C, self.constraint, self.reg, dtype)
             with torch.no_grad():
                 new = (W.to(dtype) + sol.delta).to(W.dtype)
                 if not torch.isfinite(new).all():

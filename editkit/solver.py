@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["solve", "Solution", "SingularSystemError", "least_squares_delta", "equality_delta"]
+__all__ = ["solve", "Solution", "SingularSystemError", "least_squares_delta", "equality_delta", "ridge"]
 
 Constraint = Literal["least_squares", "equality"]
 
@@ -56,17 +56,32 @@ def _cond_from_cholesky(L: torch.Tensor) -> float:
     return ((d.max() / d.min()) ** 2).item()
 
 
+def ridge(C0: torch.Tensor, eps: float) -> torch.Tensor:
+    """``C0 + ε·mean(diag C0)·I``: a relative ridge for statistics with dead directions.
+
+    Small models have MLP units that never fire on the corpus; their rows and
+    columns of C0 are (numerically) zero, and C0 is singular. The ridge makes the
+    solve well posed while changing nothing measurable along live directions, and
+    the update along a dead direction is multiplied by an activation that is zero.
+    """
+    if not eps:
+        return C0
+    return C0 + eps * C0.diagonal().mean() * torch.eye(C0.shape[0], dtype=C0.dtype, device=C0.device)
+
+
 def least_squares_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float) -> Solution:
     """MEMIT: ``Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹`` (the normal equations ``Δ(λC0 + KKᵀ) = R Kᵀ``)."""
     A = lam * C0 + K @ K.T
-    L = _cholesky(A, "λ·C0 + K Kᵀ", "increase mom2_update_weight (λ) or estimate C0 from more tokens")
+    L = _cholesky(A, "λ·C0 + K Kᵀ", "increase mom2_update_weight (λ), estimate C0 from more tokens, or set "
+                  "c0_ridge (e.g. 1e-6) if the layer has dead units")
     delta = torch.cholesky_solve(K @ R.T, L).T  # A symmetric: Δᵀ = A⁻¹ K Rᵀ
     return Solution(delta, _cond_from_cholesky(L))
 
 
 def equality_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam_E: float = 0.0) -> Solution:
     """ROME / EMMET: ``Δ = R D⁻¹ (C0⁻¹ K)ᵀ`` with ``D = Kᵀ C0⁻¹ K (+ λ_E I if E > 1)``."""
-    L0 = _cholesky(C0, "C0", "estimate C0 from more tokens (n_samples / max_tokens ≫ d_in)")
+    L0 = _cholesky(C0, "C0", "estimate C0 from more tokens (n_samples / max_tokens ≫ d_in), or set "
+                    "c0_ridge (e.g. 1e-6) if the layer has units that never fire")
     C0inv_K = torch.cholesky_solve(K, L0)  # d_in × E
     D = K.T @ C0inv_K
     if K.shape[1] > 1 and lam_E:

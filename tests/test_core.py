@@ -2,6 +2,8 @@
 supported architecture (no downloads, CPU only)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -146,6 +148,26 @@ def test_duplicate_keys_are_singular_and_leave_weights_untouched(lm, C0s):
         ed.apply(lm, [REQS[0], REQS[0]], stats=C0s, progress=False)
     assert_restored(lm, before)
     assert lm.edits == []
+
+
+def test_dead_units_need_the_ridge_and_it_keeps_weights_finite(lm, C0s):
+    """A C0 with a dead direction (a unit that never fires) is refused with a hint;
+    with ``c0_ridge`` the edit goes through, finite and effective."""
+    before = weights(lm)
+    C0 = C0s[1].clone()
+    C0[0, :] = 0.0
+    C0[:, 0] = 0.0
+    ed = ek.ROME(layer=1, values=fast_values(v_steps=4), **FAST)
+    with pytest.raises(ek.SingularSystemError, match="c0_ridge"):
+        ed.apply(lm, REQS[:1], stats={1: C0}, progress=False)
+    assert_restored(lm, before)
+    ridged = dataclasses.replace(ed, c0_ridge=1e-6)
+    with ridged.applied(lm, REQS[:1], stats={1: C0}, progress=False) as edit:
+        assert torch.isfinite(lm.edit_module(1).weight).all()
+        assert edit.norms[1]["delta_norm"] > 0
+        K, R = edit.keys[1].float(), edit.residuals[1].float()
+        torch.testing.assert_close(edit.deltas[1] @ K, R, rtol=1e-3, atol=1e-4)  # the constraint Δk = r holds
+    assert_restored(lm, before)
 
 
 # --- things that do not need every architecture ---------------------------
