@@ -23,10 +23,12 @@ NOTEBOOKS = ["world.ipynb", "quickstart.ipynb", "layer_sweep.ipynb", "batch_edit
 #: Tiny parameters for ``--quick`` (seconds per notebook, on the miniature world).
 _MINI = dict(model="world-gpt2-mini", dataset="world:small", corpus="world:small")
 QUICK = {
-    "world.ipynb": dict(_MINI, n_facts=6, n_trace=2),
+    "world.ipynb": dict(models=["world-gpt2-mini", "world-llama-mini"], dataset="world:small", corpus="world:small",
+                        n_facts=6, n_trace=2),
     "quickstart.ipynb": dict(_MINI, n_records=4),
     "layer_sweep.ipynb": dict(_MINI, methods=["ROME", "MEMIT"], n_edits=2, layers=[0, 1], trace=True),
-    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=1),
+    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=1, reg_batch_size=4,
+                                regs={"MEMIT": [10.0, 100.0], "EMMET": [0.1, 1.0]}),
     "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layer=1),
     "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:small"),
 }

@@ -33,7 +33,8 @@ def context_prefixes(lm: LanguageModel, n: int = 5, length: int = 10, seed: int 
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         ids = torch.full((n, 1), start, dtype=torch.long)
         for _ in range(length):
-            logits = lm.model(input_ids=ids.to(lm.device)).logits[:, -1].float().cpu()
+            x = ids.to(lm.device)  # unpadded: the mask says so (BOS may share the pad id)
+            logits = lm.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1].float().cpu()
             top = logits.topk(5, dim=-1)
             pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
             ids = torch.cat([ids, top.indices.gather(1, pick)], dim=1)

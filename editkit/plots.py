@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["summary", "layer_sweep", "batch_sweep", "sequential", "sequential_probes", "trace_heatmap",
+__all__ = ["summary", "layer_sweep", "batch_sweep", "reg_sweep", "sequential", "sequential_probes", "trace_heatmap",
            "layer_importance", "save", "METRIC_NAMES"]
 
 METRIC_NAMES = {"ES": "Efficacy (ES)", "PS": "Paraphrase (PS)", "NS": "Neighborhood (NS)", "S": "Score (S)",
@@ -40,13 +40,24 @@ def summary(frame: pd.DataFrame, by: Sequence[str], n_boot: int = 200) -> pd.Dat
     return out
 
 
-def _band(ax, data: pd.DataFrame, x: str, hue: str | None, palette=None, marker="o") -> None:
+_MARKERS, _DASHES = "osD^v", ["-", "--", ":", "-.", (0, (5, 1))]
+
+
+def _colors(keys) -> dict:
+    keys = list(dict.fromkeys(keys))
+    return dict(zip(keys, sns.color_palette(None, len(keys))))
+
+
+def _band(ax, data: pd.DataFrame, x: str, hue: str | None, colors: dict | None = None) -> None:
+    """One line with its 95% band per ``hue`` value; marker and dash differ per line
+    too, so lines that coincide (EMMET and ROME on single edits) stay visible."""
     groups = data.groupby(hue, sort=False) if hue else [(None, data)]
-    colors = dict(zip(data[hue].unique(), sns.color_palette(palette, data[hue].nunique()))) if hue else {}
-    for key, g in groups:
+    colors = colors or (_colors(data[hue]) if hue else {})
+    for i, (key, g) in enumerate(groups):
         g = g.sort_values(x)
         color = colors.get(key)
-        ax.plot(g[x], g["value"], marker=marker, ms=3, label=str(key) if hue else None, color=color)
+        ax.plot(g[x], g["value"], marker=_MARKERS[i % 5], ms=3.5, ls=_DASHES[i % 5], label=str(key) if hue else None,
+                color=color)
         ax.fill_between(g[x], g["ci_low"], g["ci_high"], alpha=0.2, color=color, linewidth=0)
 
 
@@ -61,10 +72,11 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
     n = len(metrics) + (1 if len(trace) else 0)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), sharex=True, squeeze=False)
     best = s[s["metric"] == "S"].sort_values("value").groupby("method").tail(1).set_index("method")["layer"]
+    colors = _colors(s["method"])
     for ax, metric in zip(axes[0], metrics):
-        _band(ax, s[s["metric"] == metric], "layer", "method")
-        for i, (method, layer) in enumerate(best.items()):
-            ax.axvline(layer, ls="--", lw=0.8, color=sns.color_palette()[i % 10])
+        _band(ax, s[s["metric"] == metric], "layer", "method", colors)
+        for method, layer in best.items():
+            ax.axvline(layer, ls="--", lw=0.8, color=colors[method])
         ax.set_title(METRIC_NAMES.get(metric, metric))
         ax.set_xlabel("edited layer")
         ax.set_ylabel("score (%)")
@@ -99,6 +111,28 @@ def batch_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
     return fig
 
 
+def reg_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
+              title: str | None = None) -> plt.Figure:
+    """x = λ (log), y = score; one line per metric, one panel per method and batch size:
+    the preservation–memorization trade-off (bigger λ keeps more of the old model)."""
+    post = frame[frame["phase"] == "post"]
+    s = summary(post, ["method", "batch_size", "reg"], n_boot)
+    s = s[s["metric"].isin(metrics)]
+    panels = list(s.groupby(["method", "batch_size"], sort=False).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (method, bs) in zip(axes[0], panels):
+        _band(ax, s[(s["method"] == method) & (s["batch_size"] == bs)], "reg", "metric")
+        ax.set_xscale("log")
+        ax.set_title(f"{method}, batch of {bs}")
+        ax.set_xlabel("λ_E (equality ridge)" if method == "EMMET" else "λ (mom2_update_weight)")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-2, 102)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or "Effect of λ")
+    fig.tight_layout()
+    return fig
+
+
 def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
                metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
                title: str | None = None) -> plt.Figure:
@@ -107,8 +141,11 @@ def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
     rows = frame[(frame["phase"] == phase) & (frame["method"] == method)]
     s = summary(rows, ["batch_size", "edits_so_far"], n_boot)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False, sharex=True)
+    sizes = sorted(s["batch_size"].unique())
+    colors = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))
     for ax, metric in zip(axes[0], metrics):
-        _band(ax, s[s["metric"] == metric], "edits_so_far", "batch_size", palette="viridis")
+        _band(ax, s[s["metric"] == metric].sort_values("batch_size", kind="stable"), "edits_so_far", "batch_size",
+              colors)
         ax.set_xscale("log", base=2)
         ax.set_title(METRIC_NAMES.get(metric, metric))
         ax.set_xlabel("edits so far")
@@ -127,10 +164,14 @@ def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None
     base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
     cols = ["update_norm"] + (["perplexity"] if "perplexity" in p and p["perplexity"].notna().any() else [])
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.2), squeeze=False)
+    sizes = sorted(p["batch_size"].unique())
+    palette = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))  # the same colours as `sequential`
     for ax, col in zip(axes[0], cols):
-        sns.lineplot(data=p, x="edits_so_far", y=col, hue="batch_size", marker="o", palette="viridis", ax=ax)
+        sns.lineplot(data=p, x="edits_so_far", y=col, hue="batch_size", hue_order=sizes, marker="o", ms=4,
+                     palette=palette, ax=ax)
         if col == "perplexity" and len(base):
             ax.axhline(base["perplexity"].iloc[0], ls=":", color="grey", label="unedited")
+        ax.legend(title="batch size", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("edits so far")
         ax.set_ylabel({"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity"}[col])

@@ -110,7 +110,7 @@ def _scores(lm: LanguageModel, ids: torch.Tensor, tgt: list[int], subj: list[int
         if site is not None:
             for module, states in zip(site, clean_states):
                 stack.enter_context(_set_at_positions(module, rows, cols, states))
-        logits = lm.model(input_ids=batch).logits.float()
+        logits = lm.model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
     logp = logits.log_softmax(-1)
     pos = torch.tensor(tgt)
     tok = batch[0, pos].cpu()
@@ -130,7 +130,8 @@ def _clean_states(lm: LanguageModel, ids: torch.Tensor, modules: Sequence[nn.Mod
 
     with ExitStack() as stack:
         seen = [stack.enter_context(capture_output(m)) for m in modules]
-        lm.model(input_ids=ids.unsqueeze(0).to(lm.device))
+        x = ids.unsqueeze(0).to(lm.device)
+        lm.model(input_ids=x, attention_mask=torch.ones_like(x))
     return [s[0][0].detach() for s in seen]  # each T × d
 
 
@@ -167,7 +168,7 @@ def causal_trace(lm: LanguageModel, prompt: str, subject: str, target: str, kind
     rows = torch.arange(P * samples)
     cols = torch.tensor(positions).repeat_interleave(samples)
     noise_rep = eps.repeat(P, 1, 1)
-    toks = lm.tokenizer.convert_ids_to_tokens(ids[:n_prompt].tolist())
+    toks = [lm.tokenizer.decode([i]).strip() or repr(lm.tokenizer.decode([i])) for i in ids[:n_prompt].tolist()]
     records = []
     for layer in range(lm.n_layers):
         restore = _window(layer, lm.n_layers, window)

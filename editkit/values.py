@@ -13,7 +13,7 @@ requests' prompts, one δ row per request, and a loss that is the *sum* of the
 per-request losses, so each row's gradient is exactly its own request's gradient
 (Adam is element-wise, so the trajectory equals optimizing that request alone).
 A request that reaches ``stop_nll`` is frozen from then on, as it would have
-stopped alone.
+stopped alone, and dropped from the padded batch once half of it is frozen.
 """
 from __future__ import annotations
 
@@ -112,74 +112,94 @@ def _per_row_terms(hidden: torch.Tensor, unembed: torch.nn.Module, targets, n_re
 def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
                     prefixes: Sequence[str] = ("",), cfg: ValueConfig | None = None,
                     progress: bool = False) -> ValueResult:
-    """Optimize one δ per request at ``layer`` (batched; see module docstring)."""
+    """Optimize one δ per request at ``layer`` (batched; see module docstring).
+
+    Requests that reach ``stop_nll`` are frozen; once half of the batch is frozen it
+    is re-padded with the active requests only, so a large edit costs what its
+    slowest requests need rather than ``E × v_steps`` rows."""
     from tqdm.auto import tqdm
 
     cfg = cfg or ValueConfig()
     E, P = len(requests), len(prefixes)
-    batch, owner, targets = _build(lm, requests, prefixes, cfg.essence_template)
-    batch = batch.to(lm.device)
-    rows = torch.arange(len(owner))
-    cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
     module, block = lm.edit_module(layer), lm.block(layer)
     d = lm.d_out(layer)
     dev = module.weight.device
-
     unembed = lm.model.get_output_embeddings()
     base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
 
-    def forward():
+    def prepare(idx: torch.Tensor):
+        """The padded batch of requests ``idx``; ``owner`` maps each row to its request (global index)."""
+        batch, owner, targets = _build(lm, [requests[i] for i in idx.tolist()], prefixes, cfg.essence_template)
+        cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
+        return batch.to(lm.device), idx[owner].to(dev), targets, torch.arange(len(owner)), cols
+
+    def forward(batch):
         return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
 
+    def terms(hidden, targets, n: int):
+        """Per-request NLL of target_new (mean over prefixes) and essence log-probs."""
+        nll_rows, ess = _per_row_terms(hidden, unembed, targets, n * P)
+        return nll_rows.view(n, P).mean(1).to(dev), ess.to(dev)
+
     # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
+    idx = torch.arange(E)
+    batch, owner, targets, rows, cols = prepare(idx)
     with torch.no_grad(), capture_output(block) as seen:
-        logits = forward()
+        hidden = forward(batch)
     h = seen[0][rows.to(seen[0].device), cols.to(seen[0].device)].float()
     h = h[torch.arange(E) * P].to(dev)  # rows of prefix 0 (""), one per request
-    nll0, ess0 = _per_row_terms(logits, unembed, targets, E * P)
-    nll_init = nll0[: E * P].view(E, P).mean(1).detach().cpu()
-    logp0 = ess0.detach()
+    nll0, logp0 = terms(hidden, targets, E)
+    nll_init, logp0 = nll0.detach().cpu(), logp0.detach()
 
     delta = torch.zeros(E, d, device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     h_norm = h.norm(dim=1)
     max_norm = cfg.clamp_norm_factor * h_norm
-    active = torch.ones(E, dtype=torch.bool, device=dev)
+    active = torch.ones(E, dtype=torch.bool)
     steps = torch.zeros(E, dtype=torch.long)
     nll_req = nll_init.clone()
-    history = []
-    owner_dev = owner.to(dev)
-    bar = tqdm(range(cfg.v_steps), desc=f"values ({E} requests)", disable=not progress, leave=False)
-    with no_param_grads(lm.model), add_at_positions(module, rows, cols, lambda: delta[owner_dev]):
-        for step in bar:
-            logits = forward()
-            nll_rows, ess = _per_row_terms(logits, unembed, targets, E * P)
-            nll_req_t = nll_rows[: E * P].view(E, P).mean(1).to(dev)
-            nll_req = nll_req_t.detach().cpu()
-            # Requests that already reach the wanted probability stop here, as they would alone.
-            active &= nll_req_t.detach() >= cfg.stop_nll
-            if not active.any():
-                break
-            kl = (logp0.exp() * (logp0 - ess)).sum(-1).to(dev)  # KL(P0 ‖ Pδ), one per request
-            decay = cfg.v_weight_decay * delta.norm(dim=1) ** 2 / h_norm ** 2
-            per_request = nll_req_t + cfg.kl_factor * kl + decay
-            loss = per_request[active].sum()
-            history.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", active=int(active.sum()))
-            opt.zero_grad()
-            loss.backward()
-            frozen = delta.detach().clone()
-            opt.step()
-            with torch.no_grad():
-                delta[~active] = frozen[~active]
-                norms = delta.norm(dim=1)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                delta.mul_(scale[:, None])
-            steps += active.cpu().long()
-        else:
-            # Measure the NLL reached by the final δ.
-            with torch.no_grad():
-                nll_rows, _ = _per_row_terms(forward(), unembed, targets, E * P)
-                nll_req = nll_rows[: E * P].view(E, P).mean(1).cpu()
+    history: list[float] = []
+    bar = tqdm(total=cfg.v_steps, desc=f"values ({E} requests)", disable=not progress, leave=False)
+    step = 0
+    with no_param_grads(lm.model):
+        while step < cfg.v_steps and active.any():
+            if len(idx) > int(active.sum()):  # re-pad with the requests still optimizing
+                idx = torch.nonzero(active).flatten()
+                batch, owner, targets, rows, cols = prepare(idx)
+            n = len(idx)
+            with add_at_positions(module, rows, cols, lambda: delta[owner]):
+                while step < cfg.v_steps:
+                    nll_t, ess = terms(forward(batch), targets, n)
+                    nll_req[idx] = nll_t.detach().cpu()
+                    # Requests that already reach the wanted probability stop here, as they would alone.
+                    live = active[idx] & (nll_req[idx] >= cfg.stop_nll)
+                    active[idx] = live
+                    if not live.any():
+                        break
+                    kl = (logp0[idx].exp() * (logp0[idx] - ess)).sum(-1)  # KL(P0 ‖ Pδ), one per request
+                    decay = cfg.v_weight_decay * delta[idx].norm(dim=1) ** 2 / h_norm[idx] ** 2
+                    loss = (nll_t + cfg.kl_factor * kl + decay)[live.to(dev)].sum()
+                    history.append(loss.item())
+                    bar.set_postfix(loss=f"{loss.item():.3f}", active=int(live.sum()))
+                    opt.zero_grad()
+                    loss.backward()
+                    frozen = delta.detach().clone()
+                    opt.step()
+                    with torch.no_grad():
+                        delta[~active.to(dev)] = frozen[~active.to(dev)]
+                        norms = delta.norm(dim=1)
+                        scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                        delta.mul_(scale[:, None])
+                    steps += active.long()
+                    step += 1
+                    bar.update(1)
+                    if 2 * int(live.sum()) <= n:
+                        break  # half the batch is frozen: re-pad
+        if active.any():  # out of steps: measure the NLL the final δ reaches
+            idx = torch.nonzero(active).flatten()
+            batch, owner, targets, rows, cols = prepare(idx)
+            with torch.no_grad(), add_at_positions(module, rows, cols, lambda: delta[owner]):
+                nll_req[idx] = terms(forward(batch), targets, len(idx))[0].cpu()
+    bar.close()
     return ValueResult(delta=delta.detach().float(), h=h.detach(), nll_init=nll_init, nll_final=nll_req,
                        steps=steps, history=history)

@@ -74,7 +74,7 @@ def greedy_continuation(lm: LanguageModel, text: str, n_tokens: int = 8) -> str:
     ids = _encode(lm, text)["input_ids"]
     new: list[int] = []
     for _ in range(n_tokens):
-        nxt = int(lm.model(input_ids=ids).logits[0, -1].argmax())
+        nxt = int(lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
         new.append(nxt)
         if nxt == lm.tokenizer.eos_token_id:
             break

@@ -118,6 +118,21 @@ def test_batched_values_equal_one_at_a_time(lm):
     assert batched.delta.abs().max() > 0
 
 
+def test_early_stopped_requests_leave_the_batch_without_changing_the_others(lm):
+    """Requests that reach stop_nll are frozen and the batch is re-padded without
+    them; every δ still equals the one its request gets alone."""
+    prefixes = ek.context_prefixes(lm, 2, 4, seed=0)
+    init = ek.optimize_values(lm, REQS, 1, prefixes, fast_values(v_steps=0)).nll_init
+    cfg = fast_values(v_steps=6, stop_nll=float(init.sort().values[1]) + 1e-4)  # two stop at once: re-pad
+    batched = ek.optimize_values(lm, REQS, 1, prefixes, cfg)
+    assert (batched.steps == 0).sum() == 2 and batched.steps.max() >= 1
+    for i, r in enumerate(REQS):
+        alone = ek.optimize_values(lm, [r], 1, prefixes, cfg)
+        assert batched.steps[i] == alone.steps[0]
+        assert (batched.delta[i] - alone.delta[0]).abs().max().item() < 1e-4
+        assert abs(batched.nll_final[i] - alone.nll_final[0]) < 1e-4
+
+
 def test_context_manager_restores_on_exception(lm, C0s):
     before = weights(lm)
     editor = ek.MEMIT(layers=[1, 2], mom2_update_weight=1.0, values=fast_values(v_steps=2), **FAST)

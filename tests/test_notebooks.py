@@ -2,6 +2,7 @@
 writes its figures, and its runs hold the expected rows."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,14 @@ def test_notebooks_run_and_write_figures(executed):
 def test_notebook_runs_hold_the_expected_rows(executed):
     _, runs, _ = executed
     q = cli.QUICK
-    frames = {p.name.split("-")[0]: experiments.load_run(p) for p in runs.iterdir() if (p / "params.json").exists()}
+    frames, lam = {}, None
+    for p in runs.iterdir():
+        if (p / "params.json").exists():
+            kind, params = p.name.split("-")[0], json.loads((p / "params.json").read_text())
+            if kind == "batch_sweep" and params["params"]["batch_sizes"] == [q["batch_editing.ipynb"]["reg_batch_size"]]:
+                lam = experiments.load_run(p)
+            else:
+                frames[kind] = experiments.load_run(p)
     layer = frames["layer_sweep"]
     post = layer[layer.phase == "post"]
     assert set(post.layer) == set(q["layer_sweep.ipynb"]["layers"])
@@ -54,6 +62,9 @@ def test_notebook_runs_hold_the_expected_rows(executed):
     sizes = batch[batch.phase == "post"].groupby(["method", "batch_size"]).case_id.nunique()
     assert sorted(set(sizes.index.get_level_values(1))) == q["batch_editing.ipynb"]["batch_sizes"]
     assert all(sizes.loc[(m, b)] == b for m, b in sizes.index)
+    lam_post = lam[lam.phase == "post"]
+    assert {(m, r) for m, rs in q["batch_editing.ipynb"]["regs"].items() for r in rs} == set(
+        zip(lam_post.method, lam_post.reg))
     seq = frames["sequential_batched"]
     probes = seq[(seq.phase == "probe") & (seq.method != "none")]
     assert {"update_norm", "perplexity", "weight_norm"} <= set(probes.columns)

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -198,8 +199,19 @@ def train_model(world: World, cfg: TrainConfig, progress: bool = True, desc: str
     report = {"train_seconds": round(time.perf_counter() - t_start, 1),
               "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "steps": step, "tokens": n_tokens,
               "final_loss": round(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])), 4),
-              "n_params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads()}
+              "n_params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads(),
+              "peak_rss_gib": round(_peak_rss_gib(), 2)}
     return model, tokenizer, report
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux/macOS; 0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**30 if sys.platform == "darwin" else kb / 2**20  # bytes on macOS, KiB on Linux
 
 
 @torch.no_grad()
