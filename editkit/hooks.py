@@ -44,8 +44,9 @@ def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 @contextmanager
 def add_at_positions(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
-                     delta: Callable[[], torch.Tensor] | torch.Tensor) -> Iterator[None]:
-    """Add ``delta[i]`` to ``module``'s output at ``(rows[i], cols[i])``.
+                     delta: Callable[[], torch.Tensor] | torch.Tensor, *, replace: bool = False) -> Iterator[None]:
+    """Add ``delta[i]`` to ``module``'s output at ``(rows[i], cols[i])`` (with
+    ``replace``, write it there instead: causal tracing restores clean states so).
 
     ``delta`` may be a callable evaluated at forward time, so an optimizer can
     update the underlying parameter between calls.
@@ -55,7 +56,8 @@ def add_at_positions(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
         d = delta() if callable(delta) else delta
         h = _first(out)
         idx = (rows.to(h.device), cols.to(h.device))
-        h = h.index_put(idx, h[idx] + d.to(device=h.device, dtype=h.dtype))
+        d = d.to(device=h.device, dtype=h.dtype)
+        h = h.index_put(idx, d if replace else h[idx] + d)
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
     handle = module.register_forward_hook(hook)

@@ -89,23 +89,29 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
     return fig
 
 
+def _metric_panels(frame: pd.DataFrame, x: str, panel: str, metrics: Sequence[str], n_boot: int) -> tuple:
+    """Summaries by (method, ``panel``, ``x``), one axis per (method, panel value), a line per metric."""
+    s = summary(frame[frame["phase"] == "post"], ["method", panel, x], n_boot)
+    s = s[s["metric"].isin(metrics)]
+    panels = list(s.groupby(["method", panel], sort=False).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, (method, value) in zip(axes[0], panels):
+        _band(ax, s[(s["method"] == method) & (s[panel] == value)], x, "metric")
+        ax.set_ylabel("score (%)")
+        ax.set_ylim(-2, 102)
+    axes[0][0].legend(fontsize=8)
+    return fig, list(zip(axes[0], panels))
+
+
 def batch_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
                 title: str | None = None) -> plt.Figure:
     """x = batch size (log), y = score; one line per metric, one panel per method
     (and per λ when the run swept it)."""
-    post = frame[frame["phase"] == "post"]
-    s = summary(post, ["method", "reg", "batch_size"], n_boot)
-    s = s[s["metric"].isin(metrics)]
-    panels = list(s.groupby(["method", "reg"], sort=False).groups)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
-    for ax, (method, reg) in zip(axes[0], panels):
-        _band(ax, s[(s["method"] == method) & (s["reg"] == reg)], "batch_size", "metric")
+    fig, panels = _metric_panels(frame, "batch_size", "reg", metrics, n_boot)
+    for ax, (method, reg) in panels:
         ax.set_xscale("log", base=2)
         ax.set_title(f"{method} (λ={reg:g})")
         ax.set_xlabel("batch size (edits)")
-        ax.set_ylabel("score (%)")
-        ax.set_ylim(-2, 102)
-    axes[0][0].legend(fontsize=8)
     fig.suptitle(title or "Batch editing")
     fig.tight_layout()
     return fig
@@ -115,19 +121,11 @@ def reg_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "
               title: str | None = None) -> plt.Figure:
     """x = λ (log), y = score; one line per metric, one panel per method and batch size:
     the preservation–memorization trade-off (bigger λ keeps more of the old model)."""
-    post = frame[frame["phase"] == "post"]
-    s = summary(post, ["method", "batch_size", "reg"], n_boot)
-    s = s[s["metric"].isin(metrics)]
-    panels = list(s.groupby(["method", "batch_size"], sort=False).groups)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
-    for ax, (method, bs) in zip(axes[0], panels):
-        _band(ax, s[(s["method"] == method) & (s["batch_size"] == bs)], "reg", "metric")
+    fig, panels = _metric_panels(frame, "reg", "batch_size", metrics, n_boot)
+    for ax, (method, bs) in panels:
         ax.set_xscale("log")
         ax.set_title(f"{method}, batch of {bs}")
         ax.set_xlabel("λ_E (equality ridge)" if method == "EMMET" else "λ (mom2_update_weight)")
-        ax.set_ylabel("score (%)")
-        ax.set_ylim(-2, 102)
-    axes[0][0].legend(fontsize=8)
     fig.suptitle(title or "Effect of λ")
     fig.tight_layout()
     return fig

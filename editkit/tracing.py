@@ -16,8 +16,8 @@ MLP sites at the subject's last token in the early-to-middle layers carry it.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Sequence
+from contextlib import ExitStack
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -29,25 +29,6 @@ from .requests import span_tokens
 __all__ = ["causal_trace", "layer_importance", "trace_sites", "KINDS"]
 
 KINDS = ("mlp", "attn", "block")
-
-
-@contextmanager
-def _set_at_positions(module: nn.Module, rows: torch.Tensor, cols: torch.Tensor,
-                      values: torch.Tensor) -> Iterator[None]:
-    """Replace ``module``'s output at ``(rows[i], cols[i])`` by ``values[i]``.
-    (Candidate for editkit.hooks; kept here so hooks.py stays the core's file.)"""
-
-    def hook(m, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        idx = (rows.to(h.device), cols.to(h.device))
-        h = h.index_put(idx, values.to(device=h.device, dtype=h.dtype))
-        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def trace_sites(lm: LanguageModel, kind: str) -> list[nn.Module]:
@@ -109,7 +90,7 @@ def _scores(lm: LanguageModel, ids: torch.Tensor, tgt: list[int], subj: list[int
             stack.enter_context(add_at_positions(lm.model.get_input_embeddings(), r, c, noise.reshape(-1, noise.shape[-1])))
         if site is not None:
             for module, states in zip(site, clean_states):
-                stack.enter_context(_set_at_positions(module, rows, cols, states))
+                stack.enter_context(add_at_positions(module, rows, cols, states, replace=True))
         logits = lm.model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
     logp = logits.log_softmax(-1)
     pos = torch.tensor(tgt)

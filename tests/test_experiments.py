@@ -109,6 +109,8 @@ def test_batch_sweep_sizes_and_lambda(lm, records, tmp_path):
     assert len(counts) == 2 * 2 + 2
     fig = plots.batch_sweep(frame)
     assert len(fig.axes) == 3
+    fig = plots.reg_sweep(frame)  # one panel per (method, batch size); x = λ
+    assert len(fig.axes) == 4 and fig.axes[0].get_xscale() == "log"
 
 
 def test_sequential_batched_resumes_to_the_same_result(lm, records, tmp_path, monkeypatch):
