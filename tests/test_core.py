@@ -200,6 +200,22 @@ def test_malformed_requests_name_the_field(kwargs, field):
         ek.EditRequest(**kwargs)
 
 
+def test_emmet_with_ridge_is_memit_with_the_same_lambda():
+    """Push-through identity: Kᵀ(λC0 + KKᵀ)⁻¹ = (λI + KᵀC0⁻¹K)⁻¹KᵀC0⁻¹, so EMMET's
+    λ_E-regularized equality solve equals MEMIT's least squares with λ = λ_E."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    C0 = A @ A.T / 64 + 0.1 * torch.eye(16, dtype=torch.float64)
+    K = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    R = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    for lam in (0.1, 10.0, 1000.0):
+        memit = ek.solve(K, R, C0, "least_squares", lam).delta
+        emmet = ek.solve(K, R, C0, "equality", lam).delta
+        torch.testing.assert_close(emmet, memit, rtol=1e-9, atol=1e-10)
+    exact = ek.solve(K, R, C0, "equality", 0.0).delta  # λ_E = 0: every constraint holds exactly
+    torch.testing.assert_close(exact @ K, R)
+
+
 def test_template_recovered_from_filled_prompt():
     r = ek.EditRequest.from_filled("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English")
     assert r.prompt == "The mother tongue of {} is" and r.text == "The mother tongue of Danielle Darrieux is"
