@@ -118,6 +118,14 @@ def test_batched_values_equal_one_at_a_time(lm):
     assert batched.delta.abs().max() > 0
 
 
+def test_values_in_chunks_equal_one_batch(lm):
+    prefixes = ek.context_prefixes(lm, 2, 4, seed=0)
+    one = ek.optimize_values(lm, REQS, 1, prefixes, fast_values(v_steps=4, v_batch_size=8))
+    chunks = ek.optimize_values(lm, REQS, 1, prefixes, fast_values(v_steps=4, v_batch_size=2))
+    for f in ("delta", "h", "nll_init", "nll_final", "steps"):
+        torch.testing.assert_close(getattr(chunks, f), getattr(one, f), rtol=1e-5, atol=1e-5)
+
+
 def test_early_stopped_requests_leave_the_batch_without_changing_the_others(lm):
     """Requests that reach stop_nll are frozen and the batch is re-padded without
     them; every δ still equals the one its request gets alone."""
