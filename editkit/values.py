@@ -13,7 +13,9 @@ requests' prompts, one δ row per request, and a loss that is the *sum* of the
 per-request losses, so each row's gradient is exactly its own request's gradient
 (Adam is element-wise, so the trajectory equals optimizing that request alone).
 A request that reaches ``stop_nll`` is frozen from then on, as it would have
-stopped alone, and dropped from the padded batch once half of it is frozen.
+stopped alone, and dropped from the padded batch once half of it is frozen. On a
+CPU the requests go through in chunks of 32 (``ValueConfig.v_batch_size``), which is
+faster there than one huge padded batch; set ``v_batch_size`` to force another size.
 """
 from __future__ import annotations
 
