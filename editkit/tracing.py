@@ -149,7 +149,8 @@ def causal_trace(lm: LanguageModel, prompt: str, subject: str, target: str, kind
     rows = torch.arange(P * samples)
     cols = torch.tensor(positions).repeat_interleave(samples)
     noise_rep = eps.repeat(P, 1, 1)
-    toks = [lm.tokenizer.decode([i]).strip() or repr(lm.tokenizer.decode([i])) for i in ids[:n_prompt].tolist()]
+    pieces = [lm.tokenizer.decode([i]) for i in ids[:n_prompt].tolist()]
+    toks = [t.strip() or repr(t) for t in pieces]  # readable labels; whitespace-only tokens quoted
     records = []
     for layer in range(lm.n_layers):
         restore = _window(layer, lm.n_layers, window)

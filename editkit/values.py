@@ -204,7 +204,8 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
                     frozen = delta.detach().clone()
                     opt.step()
                     with torch.no_grad():
-                        delta[~active.to(dev)] = frozen[~active.to(dev)]
+                        done = ~active.to(dev)
+                        delta[done] = frozen[done]
                         norms = delta.norm(dim=1)
                         scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                         delta.mul_(scale[:, None])
