@@ -16,9 +16,16 @@ A request that reaches ``stop_nll`` is frozen from then on, as it would have
 stopped alone, and dropped from the padded batch once half of it is frozen. On a
 CPU the requests go through in chunks of 32 (``ValueConfig.v_batch_size``), which is
 faster there than one huge padded batch; set ``v_batch_size`` to force another size.
+
+δ enters at the subject's last token, so no position before it can change: those
+positions (the context prefix and the subject's first tokens, about two thirds of
+every prompt) run once, and each step recomputes only the *tail* from the subject's
+last token on, attending to the cached keys/values of the rest
+(``ValueConfig.cache_prefix``; the same δ as recomputing everything, to float rounding).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -48,6 +55,8 @@ class ValueConfig:
     # Requests per padded batch. None: 32 on a CPU, where bigger batches spill out of the
     # caches and get slower per request (measured in benchmarks/), all of them on an accelerator.
     v_batch_size: int | None = None
+    # Run the positions before the subject's last token once and reuse their keys/values.
+    cache_prefix: bool = True
 
 
 @dataclass
@@ -114,6 +123,75 @@ def _per_row_terms(hidden: torch.Tensor, unembed: torch.nn.Module, targets, n_re
     return nll / count, ess
 
 
+@dataclass
+class _Rows:
+    """One padded batch of rows cut at ``cut`` (per row). Positions before the cut cannot
+    see δ: they ran once and left their keys/values in ``kv``; the ``tail`` runs every step."""
+
+    tail: torch.Tensor  # (R, Ct) token ids from the cut on, right-padded
+    mask: torch.Tensor  # (R, Cp + Ct) attention mask over the cached prefix and the tail
+    tail_pos: torch.Tensor  # (R, Ct) position ids of the tail tokens
+    kv: list | None  # per layer (keys, values) of the prefix, or None (nothing cached)
+    col: torch.Tensor  # (R,) the subject's last token, in tail coordinates
+    owner: torch.Tensor  # (R,) the request (global index) of each row
+    targets: tuple  # loss positions in tail coordinates (see _build)
+
+
+#: Prefix slots are a multiple of this: a request's cached keys then sit in the same slots
+#: whether it runs alone or in a batch (prefixes up to 32 tokens), so attention sums round
+#: the same way and its δ is the same bit for bit; and there are fewer distinct shapes.
+_ALIGN = 32
+
+
+def _cut(batch, cut: torch.Tensor, pad_id: int):
+    """Split every right-padded row at ``cut`` into a left-padded prefix and a right-padded
+    tail; position ids count real tokens only, so every token keeps its position."""
+    ids, am = batch.input_ids, batch.attention_mask
+    n = am.sum(1)
+    R, Cp, Ct = len(ids), -(-int(cut.max()) // _ALIGN) * _ALIGN, int((n - cut).max())
+    pre, tail = ids.new_full((R, Cp), pad_id), ids.new_full((R, Ct), pad_id)
+    pre_m, tail_m = am.new_zeros((R, Cp)), am.new_zeros((R, Ct))
+    for r, (c, m) in enumerate(zip(cut.tolist(), n.tolist())):
+        pre[r, Cp - c:], pre_m[r, Cp - c:] = ids[r, :c], 1
+        tail[r, :m - c], tail_m[r, :m - c] = ids[r, c:m], 1
+    mask = torch.cat([pre_m, tail_m], 1)
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    return (pre, pre_m, pos[:, :Cp]), (tail, mask, pos[:, Cp:])
+
+
+def _prefix_kv(base: torch.nn.Module, pre, pre_m, pre_pos, n_layers: int) -> list | None:
+    """Keys/values of the prefix at every layer (padding zeroed, so no stray NaN can leak
+    through a zero attention weight), or None when the model's cache does not hold them
+    whole (sliding windows, shared or unusual layouts): then nothing is cached."""
+    if pre.shape[1] == 0:
+        return None
+    with torch.no_grad():
+        out = base(input_ids=pre, attention_mask=pre_m, position_ids=pre_pos, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    layers = getattr(cache, "layers", None)
+    kv = ([(layer.keys, layer.values) for layer in layers] if layers is not None
+          else list(zip(getattr(cache, "key_cache", []), getattr(cache, "value_cache", []))))
+    if len(kv) != n_layers or any(k is None or k.dim() != 4 or k.shape[-2] != pre.shape[1] for k, _ in kv):
+        log.debug("prefix keys/values not cacheable for this model; recomputing whole prompts")
+        return None
+    keep = pre_m.bool()[:, None, :, None]
+    return [(torch.where(keep.to(k.device), k, 0.0), torch.where(keep.to(v.device), v, 0.0)) for k, v in kv]
+
+
+def _cache(base: torch.nn.Module, kv: list | None) -> dict:
+    """Forward kwargs for a fresh cache holding the prefix keys/values (the forward appends
+    the tail's to it, so each step gets its own). transformers 5 names it ``cache``."""
+    if not kv:
+        return {"use_cache": False}
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
 def _concat(parts: list[ValueResult]) -> ValueResult:
     """One result from the results of consecutive chunks of requests (history: summed per step)."""
     n = max(len(p.history) for p in parts)
@@ -145,14 +223,28 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     unembed = lm.model.get_output_embeddings()
     base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
 
-    def prepare(idx: torch.Tensor):
-        """The padded batch of requests ``idx``; ``owner`` maps each row to its request (global index)."""
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+    def prepare(idx: torch.Tensor) -> _Rows:
+        """The padded rows of requests ``idx``, cut at the subject's last token (when caching)."""
         batch, owner, targets = _build(lm, [requests[i] for i in idx.tolist()], prefixes, cfg.essence_template)
         cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
-        return batch.to(lm.device), idx[owner].to(dev), targets, torch.arange(len(owner)), cols
+        cut = cols if cfg.cache_prefix else torch.zeros_like(cols)
+        (pre, pre_m, pre_pos), tail = _cut(batch, cut, pad_id)
+        kv = _prefix_kv(base, pre.to(lm.device), pre_m.to(lm.device), pre_pos.to(lm.device), lm.n_layers)
+        if kv is None and cut.any():  # the model cannot reuse them: recompute whole prompts
+            cut = torch.zeros_like(cols)
+            tail = _cut(batch, cut, pad_id)[1]
+        t_row, t_pos, t_ids, ess_rows, ess_pos = targets
+        targets = (t_row, t_pos - cut[t_row], t_ids, ess_rows, ess_pos - cut[ess_rows])
+        tail_ids, mask, tail_pos = (t.to(lm.device) for t in tail)
+        return _Rows(tail_ids, mask, tail_pos, kv, cols - cut, idx[owner].to(dev), targets)
 
-    def forward(batch):
-        return base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    def forward(r: _Rows) -> torch.Tensor:
+        return base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos, **_cache(base, r.kv)).last_hidden_state
+
+    def adding_delta(r: _Rows):
+        return add_at_positions(module, torch.arange(len(r.col)), r.col, lambda: delta[r.owner])
 
     def terms(hidden, targets, n: int):
         """Per-request NLL of target_new (mean over prefixes) and essence log-probs."""
@@ -161,12 +253,12 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
 
     # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
     idx = torch.arange(E)
-    batch, owner, targets, rows, cols = prepare(idx)
+    rows = prepare(idx)
     with torch.no_grad(), capture_output(block) as seen:
-        hidden = forward(batch)
-    h = seen[0][rows.to(seen[0].device), cols.to(seen[0].device)].float()
+        hidden = forward(rows)
+    h = seen[0][torch.arange(len(rows.col), device=seen[0].device), rows.col.to(seen[0].device)].float()
     h = h[torch.arange(E) * P].to(dev)  # rows of prefix 0 (""), one per request
-    nll0, logp0 = terms(hidden, targets, E)
+    nll0, logp0 = terms(hidden, rows.targets, E)
     nll_init, logp0 = nll0.detach().cpu(), logp0.detach()
 
     delta = torch.zeros(E, d, device=dev, requires_grad=True)
@@ -183,11 +275,11 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         while step < cfg.v_steps and active.any():
             if len(idx) > int(active.sum()):  # re-pad with the requests still optimizing
                 idx = torch.nonzero(active).flatten()
-                batch, owner, targets, rows, cols = prepare(idx)
+                rows = prepare(idx)
             n = len(idx)
-            with add_at_positions(module, rows, cols, lambda: delta[owner]):
+            with adding_delta(rows):
                 while step < cfg.v_steps:
-                    nll_t, ess = terms(forward(batch), targets, n)
+                    nll_t, ess = terms(forward(rows), rows.targets, n)
                     nll_req[idx] = nll_t.detach().cpu()
                     # Requests that already reach the wanted probability stop here, as they would alone.
                     live = active[idx] & (nll_req[idx] >= cfg.stop_nll)
@@ -216,9 +308,9 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
                         break  # half the batch is frozen: re-pad
         if active.any():  # out of steps: measure the NLL the final δ reaches
             idx = torch.nonzero(active).flatten()
-            batch, owner, targets, rows, cols = prepare(idx)
-            with torch.no_grad(), add_at_positions(module, rows, cols, lambda: delta[owner]):
-                nll_req[idx] = terms(forward(batch), targets, len(idx))[0].cpu()
+            rows = prepare(idx)
+            with torch.no_grad(), adding_delta(rows):
+                nll_req[idx] = terms(forward(rows), rows.targets, len(idx))[0].cpu()
     bar.close()
     return ValueResult(delta=delta.detach().float(), h=h.detach(), nll_init=nll_init, nll_final=nll_req,
                        steps=steps, history=history)

@@ -71,7 +71,9 @@ def test_side_by_side_figures(quick):
     for e in entries:
         if e["section"] == "values":
             assert e["ours"]["s_per_edit"] > 0 and e["baseline"]["s_per_edit"] > 0 and e["ratio"] > 0
-            assert e["ours"]["max_abs_delta_diff"] < 1e-3  # the same objective, the same values
+            assert e["ours"]["max_abs_delta_diff"] < 1e-4  # batched vs one at a time: the same values
+            assert e["ours"]["max_abs_delta_diff_reference"] < 1e-3  # the reference protocol: the same objective
+            assert e["baseline"]["editkit_loop"]["s_per_edit"] > 0
             assert e["params"]["stop_nll"] == 0.0
         if e["section"] == "covariance" and e["name"].startswith("covariance n="):
             assert e["ours"]["tokens"] == e["baseline"]["tokens"] > 0

@@ -126,6 +126,23 @@ def test_values_in_chunks_equal_one_batch(lm):
         torch.testing.assert_close(getattr(chunks, f), getattr(one, f), rtol=1e-5, atol=1e-5)
 
 
+def test_cached_prefix_gives_the_values_of_whole_prompts(lm, monkeypatch):
+    """Positions before the subject's last token run once (their keys/values reused);
+    δ, h and the NLLs equal those from recomputing every position every step."""
+    import editkit.values as V
+
+    used = []
+    real = V._prefix_kv
+    monkeypatch.setattr(V, "_prefix_kv", lambda *a: used.append(real(*a)) or used[-1])
+    prefixes = ek.context_prefixes(lm, 2, 4, seed=0)
+    cached = ek.optimize_values(lm, REQS, 1, prefixes, fast_values(v_steps=8, cache_prefix=True))
+    assert used and all(kv is not None for kv in used), "the prefix keys/values were not cached"
+    whole = ek.optimize_values(lm, REQS, 1, prefixes, fast_values(v_steps=8, cache_prefix=False))
+    assert cached.delta.abs().max() > 0
+    for f in ("delta", "h", "nll_init", "nll_final"):
+        torch.testing.assert_close(getattr(cached, f), getattr(whole, f), rtol=1e-4, atol=1e-5)
+
+
 def test_early_stopped_requests_leave_the_batch_without_changing_the_others(lm):
     """Requests that reach stop_nll are frozen and the batch is re-padded without
     them; every δ still equals the one its request gets alone."""
