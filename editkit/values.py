@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -178,18 +178,23 @@ def _prefix_kv(base: torch.nn.Module, pre, pre_m, pre_pos, n_layers: int) -> lis
     return [(torch.where(keep.to(k.device), k, 0.0), torch.where(keep.to(v.device), v, 0.0)) for k, v in kv]
 
 
-def _cache(base: torch.nn.Module, kv: list | None) -> dict:
-    """Forward kwargs for a fresh cache holding the prefix keys/values (the forward appends
-    the tail's to it, so each step gets its own). transformers 5 names it ``cache``."""
-    if not kv:
-        return {"use_cache": False}
+def _cache_kwargs(base: torch.nn.Module) -> Callable[[list | None], dict]:
+    """A function from prefix keys/values to forward kwargs that hand the model a fresh cache
+    holding them (the forward appends the tail's, so each step needs its own). transformers 5
+    names the argument ``cache``, earlier versions ``past_key_values``; looked up once."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
     name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+
+    def kwargs(kv: list | None) -> dict:
+        if not kv:
+            return {"use_cache": False}
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        return {name: cache, "use_cache": True}
+
+    return kwargs
 
 
 def _concat(parts: list[ValueResult]) -> ValueResult:
@@ -224,15 +229,19 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
 
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    cache_kwargs = _cache_kwargs(base)
+    caching = cfg.cache_prefix  # turned off for good once the model's cache turns out unusable
 
     def prepare(idx: torch.Tensor) -> _Rows:
         """The padded rows of requests ``idx``, cut at the subject's last token (when caching)."""
+        nonlocal caching
         batch, owner, targets = _build(lm, [requests[i] for i in idx.tolist()], prefixes, cfg.essence_template)
         cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
-        cut = cols if cfg.cache_prefix else torch.zeros_like(cols)
+        cut = cols if caching else torch.zeros_like(cols)
         (pre, pre_m, pre_pos), tail = _cut(batch, cut, pad_id)
         kv = _prefix_kv(base, pre.to(lm.device), pre_m.to(lm.device), pre_pos.to(lm.device), lm.n_layers)
         if kv is None and cut.any():  # the model cannot reuse them: recompute whole prompts
+            caching = False
             cut = torch.zeros_like(cols)
             tail = _cut(batch, cut, pad_id)[1]
         t_row, t_pos, t_ids, ess_rows, ess_pos = targets
@@ -241,7 +250,7 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         return _Rows(tail_ids, mask, tail_pos, kv, cols - cut, idx[owner].to(dev), targets)
 
     def forward(r: _Rows) -> torch.Tensor:
-        return base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos, **_cache(base, r.kv)).last_hidden_state
+        return base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos, **cache_kwargs(r.kv)).last_hidden_state
 
     def adding_delta(r: _Rows):
         return add_at_positions(module, torch.arange(len(r.col)), r.col, lambda: delta[r.owner])
