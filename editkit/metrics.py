@@ -8,10 +8,10 @@ There is no separate "baseline" code path: the pre-edit baseline *is*
 ``phase="pre"``.
 
 Likelihoods are computed with teacher forcing on ``prompt + " " + target``; the
-target's tokens are the tokens that overlap the target's *character span* (found
-from the fast tokenizer's offsets), so BOS tokens, SentencePiece's "▁" and
-GPT-2's glued leading space are all handled without slicing a fixed number of
-tokens off. Every (prompt, target) pair of every record is scored in right-padded,
+target's tokens are every token that its text *with its leading space* contributes
+(:func:`editkit.requests.with_target`, located from the fast tokenizer's offsets), so
+BOS tokens, SentencePiece's "▁" (glued or alone before digits) and GPT-2's glued or
+lone "Ġ" are all handled without slicing a fixed number of tokens off. Every (prompt, target) pair of every record is scored in right-padded,
 length-sorted batches in one pass.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models import LanguageModel
-from .requests import EditRequest, RequestError, tokenize_spans
+from .requests import EditRequest, RequestError, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class TargetScores:
 
 
 def _pair_text(prompt: str, target: str) -> tuple[str, tuple[int, int]]:
-    text = f"{prompt} {target}"
-    return text, (len(prompt) + 1, len(text))
+    return with_target(prompt, target)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["EditRequest", "RequestError", "Batch", "tokenize_spans", "span_tokens"]
+__all__ = ["EditRequest", "RequestError", "Batch", "tokenize_spans", "span_tokens", "with_target", "token_ranges"]
 
 
 class RequestError(ValueError):
@@ -81,12 +81,56 @@ class EditRequest:
         return cls(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true, **kw)
 
 
-def span_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Indices of tokens whose character span overlaps ``[start, end)``.
+def with_target(prompt: str, target: str) -> tuple[str, tuple[int, int]]:
+    """``prompt + " " + target`` and the character span of the target *with its leading space*.
 
-    Special tokens (BOS) have the empty span (0, 0) and are never included.
+    The space belongs to the target: tokenizers either glue it to the target's first
+    word (GPT-2's "ĠWarsaw", SentencePiece's "▁Warsaw") or emit it as a token of its own
+    (a small byte-level vocabulary's "Ġ" + "Warsaw", SentencePiece's lone "▁" before
+    digits, Qwen2's " " before every number). Either way those tokens are predicted
+    after the prompt, so they are part of what the target costs. Every target span in
+    editkit (scoring, value optimization, tracing, widgets) comes from here.
     """
-    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    text = f"{prompt} {target}"
+    return text, (len(prompt), len(text))
+
+
+def token_ranges(offsets: Sequence[tuple[int, int]], special: Sequence[int] | None = None) -> list[tuple[int, int] | None]:
+    """The characters each token stands for; ``None`` for special tokens (BOS, EOS, padding).
+
+    Fast tokenizers that trim offsets (GPT-2's byte-level post-processor) report a token
+    that is only whitespace as the empty span at the next word, e.g. ``(3, 3)`` for the
+    "Ġ" of "in Warsaw": it covers the gap since the previous token, ``(2, 3)``, and is
+    given that range back so that a span containing the space contains the token.
+    """
+    out: list[tuple[int, int] | None] = []
+    prev_end = 0
+    for i, (a, b) in enumerate(offsets):
+        if (special is not None and special[i]) or (special is None and a == b == 0 and i == 0):
+            out.append(None)
+            continue
+        if a == b and prev_end < a:
+            a = prev_end
+        out.append((a, b))
+        prev_end = max(prev_end, b)
+    return out
+
+
+def span_tokens(offsets: Sequence[tuple[int, int] | None], start: int, end: int) -> list[int]:
+    """Indices of tokens whose characters overlap ``[start, end)``.
+
+    ``offsets`` are :func:`token_ranges` (``None`` for special tokens, never included) or
+    raw offsets (where a leading special token has the empty span (0, 0)). A token that
+    still stands for no character (empty range) belongs to the span it sits in.
+    """
+    hits = []
+    for i, o in enumerate(offsets):
+        if o is None:
+            continue
+        a, b = o
+        if (b > a and a < end and b > start) or (a == b and start <= a < end and not (a == 0 and i == 0)):
+            hits.append(i)
+    return hits
 
 
 @dataclass
@@ -106,15 +150,26 @@ class Batch:
 
 
 def tokenize_spans(tokenizer: Any, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]) -> Batch:
-    """Tokenize ``texts`` (right-padded) and locate each character span's tokens."""
-    enc = tokenizer(list(texts), return_offsets_mapping=True, padding=True, return_tensors="pt")
+    """Tokenize ``texts`` (right-padded) and locate each character span's tokens.
+
+    The one place where editkit maps characters to tokens: a span's tokens are every
+    non-special token that stands for one of its characters (see :func:`token_ranges`),
+    so a target span from :func:`with_target` includes a token that is only its space.
+    """
+    enc = tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
+                    return_tensors="pt")
     out: list[list[list[int]]] = []
     for i, (text, text_spans) in enumerate(zip(texts, spans)):
-        n = int(enc["attention_mask"][i].sum())
-        offsets = [tuple(o) for o in enc["offset_mapping"][i][:n].tolist()]
+        mask = enc["attention_mask"][i].bool()
+        keep = torch.nonzero(mask).flatten().tolist()  # real tokens (padding may sit on either side)
+        offsets = [tuple(o) for o in enc["offset_mapping"][i].tolist()]
+        special = enc["special_tokens_mask"][i].tolist()
+        ranges: list[tuple[int, int] | None] = [None] * len(offsets)
+        for j, r in zip(keep, token_ranges([offsets[j] for j in keep], [special[j] for j in keep])):
+            ranges[j] = r
         located = []
         for start, end in text_spans:
-            toks = span_tokens(offsets, start, end)
+            toks = span_tokens(ranges, start, end)
             if not toks:
                 raise RequestError(f"no token covers characters {start}:{end} ({text[start:end]!r}) of {text!r}")
             located.append(toks)

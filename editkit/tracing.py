@@ -24,7 +24,7 @@ from torch import nn
 
 from .hooks import add_at_positions
 from .models import LanguageModel
-from .requests import span_tokens
+from .requests import RequestError, tokenize_spans, with_target
 
 __all__ = ["causal_trace", "layer_importance", "trace_sites", "KINDS"]
 
@@ -61,14 +61,13 @@ def _prepare(lm: LanguageModel, prompt: str, subject: str, target: str):
         if subject not in text:
             raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
         s0 = text.index(subject)
-    full = text + " " + target
-    enc = lm.tokenizer(full, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    subj = span_tokens(offsets, s0, s0 + len(subject))
-    tgt = span_tokens(offsets, len(text) + 1, len(full))
-    if not subj or not tgt:
-        raise ValueError(f"could not locate subject/target tokens in {full!r}")
-    ids = torch.tensor(enc["input_ids"])
+    full, target_span = with_target(text, target)
+    try:
+        batch = tokenize_spans(lm.tokenizer, [full], [[(s0, s0 + len(subject)), target_span]])
+    except RequestError as exc:
+        raise ValueError(f"could not locate subject/target tokens in {full!r}: {exc}") from None
+    subj, tgt = batch.spans[0]
+    ids = batch.input_ids[0]
     n_prompt = tgt[0]  # tokens before the target
     return text, ids, subj, tgt, n_prompt
 

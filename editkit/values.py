@@ -34,7 +34,7 @@ import torch
 
 from .hooks import add_at_positions, capture_output, no_param_grads
 from .models import LanguageModel
-from .requests import EditRequest, tokenize_spans
+from .requests import EditRequest, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,9 @@ def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequenc
     for i, r in enumerate(requests):
         s0, s1 = r.subject_span
         for p in prefixes:
-            text = p + r.text
-            t0 = len(text) + 1
-            texts.append(f"{text} {r.target_new}")
-            spans.append([(len(p) + s0, len(p) + s1), (t0, t0 + len(r.target_new))])
+            text, target = with_target(p + r.text, r.target_new)
+            texts.append(text)
+            spans.append([(len(p) + s0, len(p) + s1), target])
             owner.append(i)
             kind.append(0)
     for i, r in enumerate(requests):

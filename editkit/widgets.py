@@ -27,7 +27,7 @@ import torch
 
 from .editors import EMMET, MEMIT, ROME, Edit, EditError, Editor, preset_for
 from .models import LanguageModel
-from .requests import EditRequest, RequestError, tokenize_spans
+from .requests import EditRequest, RequestError, tokenize_spans, with_target
 from .values import ValueConfig
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,8 @@ def target_nll(lm: LanguageModel, prompts: Sequence[str], target: str) -> list[f
     """
     if not prompts:
         return []
-    texts = [f"{p} {target}" for p in prompts]
-    spans = [[(len(p) + 1, len(p) + 1 + len(target))] for p in prompts]
+    pairs = [with_target(p, target) for p in prompts]
+    texts, spans = [t for t, _ in pairs], [[s] for _, s in pairs]
     batch = tokenize_spans(lm.tokenizer, texts, spans).to(lm.device)
     logp = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().log_softmax(-1)
     out = []
