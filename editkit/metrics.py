@@ -160,7 +160,7 @@ def _prompt_rows(record: Any, index: int, kinds: Sequence[str]) -> list[dict]:
     from .data import ZsreRecord
 
     req = record.request
-    base = {"dataset": "zsre" if isinstance(record, ZsreRecord) else "counterfact",
+    base = {"dataset": record.dataset if isinstance(record, ZsreRecord) else "counterfact",
             "case_id": record.case_id if getattr(record, "case_id", None) is not None else index,
             "subject": req.subject, "relation_id": getattr(record, "relation_id", None)}
     rows = []
@@ -185,7 +185,8 @@ def evaluate(lm: LanguageModel, records: Iterable[Any], *, batch_size: int = 64,
     Call it on the unedited model for the pre-edit baseline and again inside an
     edit for the post-edit scores: the same function, the same rows.
 
-    Columns (:data:`FRAME_COLUMNS`): ``dataset`` ("counterfact"/"zsre"),
+    Columns (:data:`FRAME_COLUMNS`): ``dataset`` ("counterfact", or "zsre-rome" /
+    "zsre-mend" naming the zsRE definition, see :mod:`editkit.data.zsre`),
     ``case_id``, ``subject``, ``relation_id``, ``kind`` ("rewrite", "paraphrase",
     "neighborhood"), ``prompt_index``, ``prompt`` (filled in), ``target_new``
     (``o*``), ``target_true`` (``o^c`` of *this* prompt: a neighborhood prompt's own
@@ -198,9 +199,12 @@ def evaluate(lm: LanguageModel, records: Iterable[Any], *, batch_size: int = 64,
     ``acc_new``/``acc_true`` (fraction of target tokens that are the argmax:
     MEMIT's zsRE token accuracy) and ``n_tokens_new``/``n_tokens_true``.
 
-    For zsRE records the rewrite prompt is ``src`` and the paraphrase ``rephrase``
-    (both with target_new = ``alt``, target_true = ``answers[0]``); the
-    neighborhood prompt is ``loc`` whose true object is ``loc_ans``.
+    For zsRE records the rewrite prompt is ``src`` and the paraphrase ``rephrase``;
+    under the ROME/MEMIT definition target_new = ``answers[0]`` with no target_true
+    (the ``*_true`` columns and ``success`` of those rows are empty: zsRE is scored by
+    top-1 / token accuracy) and the neighborhood prompt is ``loc + "?"``; under
+    MEND's, target_new = ``alt`` against ``answers[0]`` and the neighborhood prompt is
+    ``loc``. Either way the neighborhood's true object is ``loc_ans``.
 
     ``generation=True`` adds rows of kind ``"generation"`` (see
     :func:`generation_metrics`; ``generation_kwargs`` go there).
@@ -213,12 +217,20 @@ def evaluate(lm: LanguageModel, records: Iterable[Any], *, batch_size: int = 64,
     rows = [row for i, r in enumerate(recs) for row in _prompt_rows(r, i, kinds)]
     frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS[:9]))
     pairs = [(r["prompt"], r["target_new"]) for r in rows] + [(r["prompt"], r["target_true"]) for r in rows]
-    scores = score_targets(lm, pairs, batch_size=batch_size, progress=progress)
+    # A target may be absent (ROME/MEMIT's zsRE has no counterfactual true object): its scores are NaN.
+    present = [i for i, (_, t) in enumerate(pairs) if t is not None]
+    got = score_targets(lm, [pairs[i] for i in present], batch_size=batch_size, progress=progress)
+    scores = TargetScores(np.full(len(pairs), np.nan), np.zeros(len(pairs), dtype=bool), np.full(len(pairs), np.nan),
+                          np.zeros(len(pairs), dtype=int))
+    for name in ("nll", "top1", "acc", "n_tokens"):
+        getattr(scores, name)[present] = getattr(got, name)
     n = len(rows)
     frame["nll_new"], frame["nll_true"] = scores.nll[:n], scores.nll[n:]
     frame["p_new"], frame["p_true"] = np.exp(-scores.nll[:n]), np.exp(-scores.nll[n:])
     neighborhood = (frame["kind"] == "neighborhood").to_numpy()
-    frame["success"] = np.where(neighborhood, scores.nll[n:] < scores.nll[:n], scores.nll[:n] < scores.nll[n:])
+    success = np.where(neighborhood, scores.nll[n:] < scores.nll[:n], scores.nll[:n] < scores.nll[n:])
+    missing = np.isnan(scores.nll[:n]) | np.isnan(scores.nll[n:])
+    frame["success"] = pd.array(np.where(missing, None, success), dtype="boolean") if missing.any() else success
     frame["top1_new"], frame["top1_true"] = scores.top1[:n], scores.top1[n:]
     frame["acc_new"], frame["acc_true"] = scores.acc[:n], scores.acc[n:]
     frame["n_tokens_new"], frame["n_tokens_true"] = scores.n_tokens[:n], scores.n_tokens[n:]
@@ -439,7 +451,7 @@ def summarize(frame: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by: Sequen
     """Scores of an :func:`evaluate` frame (or several concatenated).
 
     Each metric is averaged first over a record's prompts, then over records (a
-    record is a ``case_id`` within a group); its 95% interval is the percentile
+    record is a ``case_id`` of a ``dataset`` within a group); its 95% interval is the percentile
     bootstrap over records with ``n_boot`` resamples (``seed`` fixed). ``n`` is the
     number of records the metric averages over. Metrics (:data:`METRICS`, those
     without any rows are left out):
@@ -465,7 +477,9 @@ def summarize(frame: pd.DataFrame, n_boot: int = 1000, seed: int = 0, by: Sequen
         raise KeyError(f"frame lacks column(s) {missing}; pass a frame from ek.evaluate (and by= columns it has)")
     rows = frame[frame["kind"].isin([*KINDS, "generation"])]
     values = _per_row_values(rows)
-    keys = [rows[c] for c in by] + [rows["case_id"]]
+    # A record is a case_id *within its dataset*: CounterFact and zsRE (or two zsRE definitions) share case_ids.
+    record = (["dataset"] if "dataset" in rows.columns and "dataset" not in by else []) + ["case_id"]
+    keys = [rows[c] for c in by] + [rows[c] for c in record]
     per_record = values.groupby(keys, dropna=False, sort=False).mean()
     if not by:
         out = _summarize_group(per_record, n_boot, seed)

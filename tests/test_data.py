@@ -70,12 +70,18 @@ def test_zsre_mend_records_load():
     for i, (r, d) in enumerate(zip(records, raw)):
         req = r.request
         assert r.case_id == i
-        assert req.text == d["src"] and req.target_new == d["alt"] and req.target_true == d["answers"][0]
+        # ROME/MEMIT's definition (the default): the edit writes the correct answer; locality prompt + "?"
+        assert req.text == d["src"] and req.target_new == d["answers"][0] and req.target_true is None
         assert r.paraphrase_prompts == [d["rephrase"]]
-        assert r.neighborhood_prompts == [d["loc"]] and r.neighborhood_target(0) == d["loc_ans"]
-        assert {k: v for k, v in r.to_dict().items() if k != "case_id"} == d
+        assert r.neighborhood_prompts == [d["loc"] + "?"] and r.neighborhood_target(0) == d["loc_ans"]
+        assert {k: v for k, v in r.to_dict().items() if k not in ("case_id", "definition")} == d
     again = load_zsre([r.to_dict() for r in records])
     assert again == records
+    mend = load_zsre(ZSRE_MEND, definition="mend")
+    for r, d in zip(mend, raw):  # MEND/EasyEdit's: the edit writes alt against answers[0]; locality prompt as given
+        assert (r.request.target_new, r.request.target_true) == (d["alt"], d["answers"][0])
+        assert r.neighborhood_prompts == [d["loc"]] and r.dataset == "zsre-mend"
+    assert ZsreRecord.from_dict(mend[0].to_dict()) == mend[0]
 
 
 @needs_cf
@@ -145,12 +151,30 @@ def test_bad_inputs_name_the_problem(tmp_path):
 
 
 def test_zsre_built_record():
-    r = ZsreRecord(case_id=3, subject="UniFirst", src="What is the product made by UniFirst?",
-                   rephrase="What does UniFirst make?", alt="drones", answers=["uniform"],
-                   loc="nq question: who", loc_ans="Walter")
+    kw = dict(case_id=3, subject="UniFirst", src="What is the product made by UniFirst?",
+              rephrase="What does UniFirst make?", alt="drones", answers=["uniform"], loc="nq question: who",
+              loc_ans="Walter")
+    r = ZsreRecord(**kw)
     assert r.request.prompt == "What is the product made by {}?"
-    assert (r.target_new, r.target_true) == ("drones", "uniform")
-    assert ZsreRecord.from_dict(r.to_dict()) == r
+    assert (r.target_new, r.target_true, r.dataset) == ("uniform", None, "zsre-rome")
+    assert r.neighborhood_prompts == ["nq question: who?"]
+    m = ZsreRecord(**kw, definition="mend")
+    assert (m.target_new, m.target_true, m.dataset) == ("drones", "uniform", "zsre-mend")
+    assert m.neighborhood_prompts == ["nq question: who"]
+    assert ZsreRecord.from_dict(r.to_dict()) == r and ZsreRecord.from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError, match="definition='memit'.*'rome'.*'mend'"):
+        ZsreRecord(**kw, definition="memit")
+
+
+@pytest.mark.parametrize("definition", ["rome", "mend"])
+def test_zsre_empty_alt_is_an_error_unless_skipped(definition):
+    good = {"subject": "UniFirst", "src": "What is made by UniFirst?", "rephrase": "r", "alt": "drones",
+            "answers": ["uniform"], "loc": "l", "loc_ans": "m"}
+    raw = [good, {**good, "alt": ""}, {**good, "alt": "  "}]
+    with pytest.raises(RequestError, match=r"record #1.*'alt' is empty.*skip_invalid=True"):
+        load_zsre(raw, definition=definition)
+    kept = load_zsre(raw, definition=definition, skip_invalid=True)
+    assert [r.case_id for r in kept] == [0]
 
 
 # --------------------------------------------------------------------------- downloads

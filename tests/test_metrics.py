@@ -258,8 +258,31 @@ def test_real_zsre_sample_top1():
     lm = tiny_lm("llama")
     records = load_zsre(ZSRE_MEND, n=20, seed=0)
     frame = evaluate(lm, records, progress=False)
-    assert (frame["dataset"] == "zsre").all()
+    assert (frame["dataset"] == "zsre-rome").all()
+    rw = frame[frame.kind != "neighborhood"]
+    assert rw["target_true"].isna().all() and rw["nll_true"].isna().all() and rw["success"].isna().all()
+    assert rw["target_new"].tolist() == [a for r in records for a in [r.answers[0]] * 2]
     loc = frame[frame.kind == "neighborhood"]
     assert loc["target_true"].tolist() == [r.loc_ans for r in records]
     s = summarize(frame, n_boot=50)
     assert {"ES_top1", "PS_top1", "NS_top1", "ES_acc"} <= set(s.index)
+    assert "ES" not in s.index  # no true object under ROME/MEMIT's definition: no probability comparison
+    mend = evaluate(lm, load_zsre(ZSRE_MEND, n=20, seed=0, definition="mend"), progress=False)
+    assert (mend["dataset"] == "zsre-mend").all() and mend["success"].notna().all()
+    assert mend[mend.kind == "neighborhood"]["prompt"].tolist() == [r.loc for r in records]
+    assert loc["prompt"].tolist() == [r.loc + "?" for r in records]
+    # both definitions of the same 20 records in one frame: 40 records, not 20
+    both = summarize(pd.concat([frame, mend]), n_boot=0)
+    assert both.loc["NS", "n"] == 40
+
+
+def test_summarize_keeps_datasets_sharing_case_ids_apart():
+    rows = []
+    for ds, ok in (("counterfact", True), ("zsre-mend", False)):
+        for cid in range(5):
+            rows.append({"dataset": ds, "case_id": cid, "kind": "rewrite", "success": ok, "p_new": 0.5, "p_true": 0.1})
+    frame = pd.DataFrame(rows)
+    s = summarize(frame, n_boot=0)
+    assert s.loc["ES", "n"] == 10 and s.loc["ES", "value"] == 0.5
+    by = summarize(frame, n_boot=0, by="dataset").set_index(["dataset", "metric"])
+    assert by.loc[("counterfact", "ES"), "value"] == 1.0 and by.loc[("zsre-mend", "ES"), "n"] == 5
