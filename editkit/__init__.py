@@ -9,7 +9,8 @@
 import logging as _logging
 
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
-from .editors import EMMET, MEMIT, ROME, Edit, EditError, Editor, available_presets, preset_for
+from .editors import (EMMET, MEMIT, METHODS, ROME, Edit, EditError, Editor, available_presets, make_editor,
+                      preset_for, register)
 from .keys import context_prefixes, hidden_at_subject, keys
 from .metrics import evaluate, summarize
 from .models import ADAPTERS, Adapter, LanguageModel, ModelUnavailableError, UnknownArchitectureError, load_model

@@ -1,5 +1,6 @@
 """Command line: ``editkit figures`` regenerates every figure; ``editkit world build``
-builds the embedded world models.
+builds the embedded world models; ``editkit methods`` lists the editing methods and
+their settings (from a preset with ``--preset``), as the runners would build them.
 
 ``figures`` executes each parameterized notebook in ``notebooks/`` with papermill
 (their defaults, or tiny parameters with ``--quick``), writes the executed copies
@@ -9,6 +10,7 @@ naming every notebook that failed.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -68,6 +70,24 @@ def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, 
     return failed
 
 
+def describe_methods(preset: str | None = None) -> str:
+    """One line per registered method: its constraint, aliases and (with ``preset``) settings."""
+    from .editors import METHODS, make_editor
+
+    lines = []
+    for name, cls in METHODS.items():
+        aliases = ", ".join(f"{a}={f}" for a, f in cls.aliases.items()) or "-"
+        line = f"{name:8s} constraint={cls.constraint}  aliases: {aliases}"
+        if preset is not None:
+            try:
+                editor = make_editor(name, preset=preset)
+                line += "\n    " + json.dumps({k: v for k, v in editor.to_dict().items() if k != "method"})
+            except KeyError as exc:
+                line += f"\n    (not in preset {preset!r}: {exc})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="editkit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     world = sub.add_parser("world", help="the embedded world")
     world.add_argument("action", choices=["build"])
     world.add_argument("--models", nargs="+", default=["world-gpt2", "world-llama"])
+    methods = sub.add_parser("methods", help="list the editing methods and their settings")
+    methods.add_argument("--preset", default=None, help="show the settings this preset gives each method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -90,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in build_world(args.models, progress=True):
             print(path)
+        return 0
+
+    if args.command == "methods":
+        print(describe_methods(args.preset))
         return 0
 
     notebooks = args.notebooks or find_notebooks_dir()

@@ -3,9 +3,18 @@
 An editor is a dataclass of hyperparameters. ``apply`` runs the pipeline
 statistics → values → (per layer) keys, residual, solve → write, and returns an
 :class:`Edit` that knows how to put the weights back bit for bit.
+
+Every method speaks the same vocabulary: ``layers`` (the edited layers) and ``reg``
+(the λ of its solve), with each paper's own name accepted as an alias
+(``MEMIT(mom2_update_weight=...)``, ``EMMET(lambda_e=...)``, ``ROME(layer=...)``).
+Methods live in one registry, :data:`METHODS`; a new method is one dataclass plus
+``@register``, and :func:`make_editor` builds any of them the same way for the
+runners, the widgets and the command line.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -13,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -26,7 +35,8 @@ from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Editor", "ROME", "MEMIT", "EMMET", "Edit", "EditError", "available_presets", "preset_for"]
+__all__ = ["Editor", "ROME", "MEMIT", "EMMET", "Edit", "EditError", "METHODS", "register", "make_editor",
+           "available_presets", "preset_for"]
 
 
 class EditError(RuntimeError):
@@ -35,12 +45,16 @@ class EditError(RuntimeError):
 
 @dataclass
 class Edit:
-    """The result of ``editor.apply``: per-layer deltas, norms, timings, diagnostics."""
+    """The result of ``editor.apply``: per-layer deltas, norms, timings, diagnostics.
+
+    ``originals`` hold the edited weights as ``lm.weight(layer)`` returns them
+    (d_out × d_in), so nothing outside the model adapter knows about GPT-2's Conv1D.
+    """
 
     lm: LanguageModel = field(repr=False)
     method: str
     requests: list[EditRequest] = field(repr=False)
-    originals: dict[int, torch.Tensor] = field(repr=False)  # stored weights before the edit
+    originals: dict[int, torch.Tensor] = field(repr=False)  # lm.weight(layer) before the edit (d_out × d_in)
     deltas: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # Δ (d_out × d_in), float32 CPU
     keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # K (d_in × E) used at each layer
     residuals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # R (d_out × E) at each layer
@@ -49,19 +63,36 @@ class Edit:
     timings: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     undone: bool = False
+    committed: bool = False
 
     def undo(self) -> None:
         """Restore the edited weights exactly. Only the most recent edit can be undone."""
         if self.undone:
             raise EditError("this edit was already undone")
+        if self.committed:
+            raise EditError("this edit was committed: its weights are part of the model now and cannot be undone")
         if self.lm.edits and self.lm.edits[-1] is not self:
             raise EditError("undo the later edits first: edits on a model are undone in reverse order")
         with torch.no_grad():
             for layer, w in self.originals.items():
-                self.lm.edit_module(layer).weight.copy_(w)
-        if self.lm.edits and self.lm.edits[-1] is self:
-            self.lm.edits.pop()
+                self.lm.weight(layer).copy_(w)
+        self._forget()
         self.undone = True
+
+    def commit(self) -> None:
+        """Keep the edit's weights and drop its undo record (and the saved originals).
+
+        For edits that stay: sequential editing applies batch after batch and keeps
+        each, so the model's undo stack must not grow with every batch."""
+        if self.undone:
+            raise EditError("this edit was undone; there is nothing to commit")
+        self._forget()
+        self.originals = {}
+        self.committed = True
+
+    def _forget(self) -> None:
+        """Remove this edit from the model's undo stack (by identity: Edits hold tensors)."""
+        self.lm.edits[:] = [e for e in self.lm.edits if e is not self]
 
     def summary(self) -> dict[str, Any]:
         """A flat dict for logs and tidy frames."""
@@ -100,8 +131,16 @@ def preset_for(model_name: str) -> str | None:
 
 @dataclass(kw_only=True)
 class Editor:
-    """Hyperparameters shared by every method of the preservation–memorization family."""
+    """Hyperparameters shared by every method of the preservation–memorization family.
 
+    ``layers`` and ``reg`` are the two settings every method has; ``aliases`` maps a
+    paper's own parameter names onto them (and any other field), so
+    ``MEMIT(mom2_update_weight=1e4)`` and ``MEMIT(reg=1e4)`` are the same editor.
+    Flat value settings (``v_steps=10``) are accepted too and go into ``values``.
+    """
+
+    layers: list[int]  # the edited layers; the residual is spread over them as MEMIT does
+    reg: float = 0.0  # λ of the solve (MEMIT: mom2_update_weight; EMMET: λ_E on D)
     corpus: Any = "wikitext"  # where C0 comes from: Hub name, local path, list of strings, or "world"
     n_samples: int | None = 100_000
     max_tokens: int | None = None  # stop C0 after this many token keys (minimal precomputation)
@@ -112,17 +151,46 @@ class Editor:
     solve_dtype: str = "float64"
     c0_ridge: float = 0.0  # add ε·mean(diag C0)·I before solving; for layers with dead units (see solver.ridge)
 
-    constraint: ClassVar[str]
-    method: ClassVar[str]
+    constraint: ClassVar[str]  # "equality" or "least_squares" (see solver.solve)
+    method: ClassVar[str]  # the registry name
+    aliases: ClassVar[dict[str, str]] = {}  # a paper's parameter name -> field
+
+    def __post_init__(self) -> None:
+        layers = [self.layers] if isinstance(self.layers, int) else self.layers
+        if not layers or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers):
+            raise ValueError(f"layers: give a non-empty list of layer numbers, e.g. [1] or [3, 4, 5] "
+                             f"(got {self.layers!r})")
+        self.layers = [int(l) for l in layers]
 
     # --- configuration ----------------------------------------------------
     @property
     def edit_layers(self) -> list[int]:
-        raise NotImplementedError
+        """The edited layers (the same as ``layers``; kept for older callers)."""
+        return list(self.layers)
 
-    @property
-    def reg(self) -> float:
-        raise NotImplementedError
+    @classmethod
+    def params(cls, *dicts: dict[str, Any]) -> dict[str, Any]:
+        """Constructor keywords from ``dicts`` (later ones win): each paper's alias
+        resolved to its field, flat value settings (``v_steps=...``) folded into
+        ``values``. Unknown names raise a TypeError naming what the method takes."""
+        out: dict[str, Any] = {}
+        for d in dicts:
+            seen: dict[str, str] = {}
+            for k, v in d.items():
+                name = cls.aliases.get(k, k)
+                if name in seen:
+                    raise TypeError(f"{cls.method}: got both {seen[name]} and {k} (the same setting); give one")
+                seen[name] = k
+                out[name] = v
+        names, vnames = {f.name for f in fields(cls)}, set(ValueConfig.__dataclass_fields__)
+        unknown = set(out) - names - vnames
+        if unknown:
+            raise TypeError(f"{cls.method}: unknown parameters {sorted(unknown)}; it takes {sorted(names)}, "
+                            f"the aliases {sorted(cls.aliases)} and the value settings {sorted(vnames)}")
+        vparams = {k: out.pop(k) for k in list(out) if k in vnames}
+        if vparams:
+            out["values"] = dataclasses.replace(out.get("values", ValueConfig()), **vparams)
+        return out
 
     @classmethod
     def preset(cls, name: str | Path, **overrides: Any) -> "Editor":
@@ -130,15 +198,11 @@ class Editor:
         data = _read_preset(name)
         if cls.method not in data:
             raise KeyError(f"preset {name!r} has no {cls.method} entry (has {sorted(data)})")
-        params = {k: v for k, v in {**data[cls.method], **overrides}.items() if not k.startswith("_")}
-        names = {f.name for f in fields(cls)}
-        unknown = set(params) - names - set(ValueConfig.__dataclass_fields__)
-        if unknown:
-            raise KeyError(f"preset {name!r}: unknown {cls.method} parameters {sorted(unknown)}")
-        vparams = {k: params.pop(k) for k in list(params) if k in ValueConfig.__dataclass_fields__}
-        if vparams:
-            params["values"] = ValueConfig(**{**asdict(params.get("values", ValueConfig())), **vparams})
-        return cls(**params)
+        params = {k: v for k, v in data[cls.method].items() if not k.startswith("_")}
+        try:
+            return cls(**cls.params(params, overrides))
+        except TypeError as exc:
+            raise KeyError(f"preset {name!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -147,23 +211,36 @@ class Editor:
             d["corpus"] = corpus_name(self.corpus)
         return d
 
+    # --- statistics -------------------------------------------------------
+    def second_moment(self, lm: LanguageModel, layer: int, progress: bool = True) -> torch.Tensor:
+        """``C0 = E[k kᵀ]`` at ``layer`` from this editor's corpus settings, computed once per model.
+
+        C0 always describes the *unedited* model: it is remembered on the model object
+        the first time it is asked for (call this before a sequence of edits) and reused
+        by every later edit."""
+        key = ("C0", layer, corpus_name(self.corpus), self.n_samples, self.max_tokens)
+        if key not in lm.cache:
+            lm.cache[key] = second_moment(lm, layer, self.corpus, self.n_samples, max_tokens=self.max_tokens,
+                                          progress=progress)
+        return lm.cache[key]
+
     # --- application ------------------------------------------------------
     def apply(self, lm: LanguageModel, requests: Sequence[EditRequest | Any], *,
               stats: dict[int, torch.Tensor] | None = None, progress: bool = True) -> Edit:
         """Edit ``requests`` into ``lm`` in place. ``stats`` may give precomputed C0 per layer."""
         reqs = _as_requests(requests)
-        layers = sorted(self.edit_layers)
+        layers = sorted(self.layers)
         for layer in layers:
             lm.edit_module(layer)  # range check before any work
         if layers[-1] == lm.n_layers - 1:
             log.warning("editing the last layer (%d): a change at the subject's last token there cannot reach "
                         "the later tokens that predict the object; pick an earlier layer", layers[-1])
-        originals = {l: lm.edit_module(l).weight.detach().clone() for l in layers}
+        originals = {l: lm.weight(l).detach().clone() for l in layers}
         edit = Edit(lm=lm, method=self.method, requests=reqs, originals=originals)
         lm.edits.append(edit)
         try:
             t0 = time.perf_counter()
-            C0 = {l: (stats[l] if stats and l in stats else self._C0(lm, l, progress)) for l in layers}
+            C0 = {l: (stats[l] if stats and l in stats else self.second_moment(lm, l, progress)) for l in layers}
             edit.timings["stats"] = time.perf_counter() - t0
             for group in self._groups(reqs):
                 self._apply_group(lm, group, layers, C0, edit, progress)
@@ -172,7 +249,7 @@ class Editor:
             raise
         for layer in layers:
             w = lm.weight(layer).detach()
-            d = (w.double() - (originals[layer].T if lm.adapter.conv1d else originals[layer]).double())
+            d = w.double() - originals[layer].double()
             edit.deltas[layer] = d.float().cpu()
             edit.norms[layer] = {"delta_norm": d.norm().item(), "weight_norm": w.double().norm().item(),
                                  "original_norm": originals[layer].double().norm().item()}
@@ -189,15 +266,6 @@ class Editor:
 
     def _groups(self, reqs: list[EditRequest]) -> list[list[EditRequest]]:
         return [reqs]
-
-    def _C0(self, lm: LanguageModel, layer: int, progress: bool) -> torch.Tensor:
-        # C0 always describes the *unedited* model: it is remembered on the model object
-        # before the first edit and reused by every later (sequential) edit.
-        key = ("C0", layer, corpus_name(self.corpus), self.n_samples, self.max_tokens)
-        if key not in lm.cache:
-            lm.cache[key] = second_moment(lm, layer, self.corpus, self.n_samples, max_tokens=self.max_tokens,
-                                          progress=progress)
-        return lm.cache[key]
 
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
                      C0: dict[int, torch.Tensor], edit: Edit, progress: bool) -> None:
@@ -233,6 +301,7 @@ class Editor:
             edit.timings["solve"] = edit.timings.get("solve", 0.0) + time.perf_counter() - t0
 
 
+
 def _as_requests(requests: Sequence[Any]) -> list[EditRequest]:
     if isinstance(requests, EditRequest) or hasattr(requests, "request"):
         requests = [requests]
@@ -246,58 +315,103 @@ def _as_requests(requests: Sequence[Any]) -> list[EditRequest]:
     return reqs
 
 
+
+
+# --- the methods ------------------------------------------------------------
+
+#: Every editing method by name. ``@register`` adds one; runners, widgets and the CLI read it.
+METHODS: dict[str, type[Editor]] = {}
+
+
+def register(cls: type[Editor]) -> type[Editor]:
+    """Add an Editor dataclass to :data:`METHODS` under ``cls.method``, and let its
+    constructor take the aliases and flat value settings :meth:`Editor.params` accepts.
+
+    Use as a decorator above ``@dataclass(kw_only=True)``; a method is then one class
+    and this one line."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Editor, **kw: Any) -> None:
+        init(self, **cls.params(kw))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    for alias, name in cls.aliases.items():
+        if not hasattr(cls, alias):  # read the paper's name too (ROME defines its own `layer`)
+            setattr(cls, alias, property(_getter(name), doc=f"alias of ``{name}``"))
+    METHODS[cls.method] = cls
+    return cls
+
+
+def _getter(name: str) -> Callable[[Editor], Any]:
+    return lambda self: getattr(self, name)
+
+
+def make_editor(method: str | type[Editor] | Editor, layers: int | Sequence[int] | None = None,
+                preset: str | Path | None = None, **overrides: Any) -> Editor:
+    """The one way to build an editor from settings: ``method`` (a :data:`METHODS` name,
+    an Editor class, or an Editor used as the template), editing ``layers`` (a layer
+    number or a list; default: the preset's), configured by ``preset`` if given, with
+    ``overrides`` (any field, alias or value setting) on top."""
+    if isinstance(method, Editor):
+        cls = type(method)
+        current = {f.name: getattr(method, f.name) for f in fields(method) if f.init}
+        editor = cls(**cls.params(current, overrides))
+    else:
+        cls = method if isinstance(method, type) else METHODS.get(str(method))
+        if cls is None:
+            raise ValueError(f"method={method!r}: choose from {sorted(METHODS)} or pass an Editor")
+        if preset is not None:
+            editor = cls.preset(preset, **overrides)
+        elif layers is None and "layers" not in cls.params(overrides):
+            raise ValueError(f"layers: {cls.method} needs the layers to edit (or a preset that names them)")
+        else:
+            return cls(**cls.params(overrides, {} if layers is None else {"layers": layers}))
+    return editor if layers is None else dataclasses.replace(editor, layers=layers)
+
+
+@register
 @dataclass(kw_only=True)
 class ROME(Editor):
-    """Rank-one edit of one fact at ``layer`` (equality constraint). Several requests
-    are applied one after another, each a rank-one update of the already-edited model."""
+    """Rank-one edit of one fact at one layer (equality constraint). Several requests
+    are applied one after another, each a rank-one update of the already-edited model.
+    ``ROME(layer=5)`` is ``ROME(layers=[5])``."""
 
-    layer: int
     method: ClassVar[str] = "ROME"
     constraint: ClassVar[str] = "equality"
+    aliases: ClassVar[dict[str, str]] = {"layer": "layers"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layers) != 1:
+            raise ValueError(f"layers: ROME edits exactly one layer (got {self.layers}); "
+                             "use MEMIT or EMMET to spread an edit over several")
 
     @property
-    def edit_layers(self) -> list[int]:
-        return [self.layer]
-
-    @property
-    def reg(self) -> float:
-        return 0.0
+    def layer(self) -> int:
+        return self.layers[0]
 
     def _groups(self, reqs: list[EditRequest]) -> list[list[EditRequest]]:
         return [[r] for r in reqs]
 
 
+@register
 @dataclass(kw_only=True)
 class MEMIT(Editor):
-    """Batched least-squares edit spread over ``layers``; λ = ``mom2_update_weight``."""
+    """Batched least-squares edit spread over ``layers``; ``reg`` is λ (MEMIT's ``mom2_update_weight``)."""
 
-    layers: list[int]
-    mom2_update_weight: float = 15000.0
+    reg: float = 15000.0
     method: ClassVar[str] = "MEMIT"
     constraint: ClassVar[str] = "least_squares"
-
-    @property
-    def edit_layers(self) -> list[int]:
-        return list(self.layers)
-
-    @property
-    def reg(self) -> float:
-        return self.mom2_update_weight
+    aliases: ClassVar[dict[str, str]] = {"mom2_update_weight": "reg"}
 
 
+@register
 @dataclass(kw_only=True)
 class EMMET(Editor):
-    """Batched equality-constrained edit (batched ROME); λ_E = ``lambda_e`` conditions D."""
+    """Batched equality-constrained edit (batched ROME); ``reg`` is λ_E (``lambda_e``), which conditions D."""
 
-    layers: list[int]
-    lambda_e: float = 0.1
+    reg: float = 0.1
     method: ClassVar[str] = "EMMET"
     constraint: ClassVar[str] = "equality"
-
-    @property
-    def edit_layers(self) -> list[int]:
-        return list(self.layers)
-
-    @property
-    def reg(self) -> float:
-        return self.lambda_e
+    aliases: ClassVar[dict[str, str]] = {"lambda_e": "reg"}

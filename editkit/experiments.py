@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .editors import EMMET, MEMIT, ROME, Editor
+from .editors import METHODS, Editor, make_editor
 from .hooks import restored_weights
 from .models import LanguageModel
 
@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RunStore", "layer_sweep", "batch_sweep", "sequential_batched", "load_run", "make_editor", "perplexity",
            "heldout_texts"]
-
-METHODS = {"ROME": ROME, "MEMIT": MEMIT, "EMMET": EMMET}
-
 
 # --- run store --------------------------------------------------------------
 
@@ -136,22 +133,6 @@ def load_run(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 # --- helpers ----------------------------------------------------------------
-
-def make_editor(method: str | Editor, layer: int, preset: str | None = None, **overrides: Any) -> Editor:
-    """An editor of ``method`` editing only ``layer``: from ``preset`` if given, else
-    editkit's defaults; an Editor instance is used as the template."""
-    if isinstance(method, Editor):
-        template, cls = method, type(method)
-    else:
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}: choose from {sorted(METHODS)} or pass an Editor")
-        cls = METHODS[method]
-        template = cls.preset(preset, **overrides) if preset else None
-    where = {"layer": layer} if cls is ROME else {"layers": [layer]}
-    if template is None:
-        return cls(**where, **overrides)
-    return dataclasses.replace(template, **where)
-
 
 def _method_name(method: str | Editor) -> str:
     return method.method if isinstance(method, Editor) else str(method)
@@ -263,15 +244,11 @@ def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
     (``{"MEMIT": [1e3, 1e4], "EMMET": [0.01, 0.1]}``); the value is in column ``reg``."""
     recs = _records(records, max(batch_sizes))
     kw = editor_kwargs or {}
-    reg_field = {"MEMIT": "mom2_update_weight", "EMMET": "lambda_e", "ROME": None}
     grid = []
     for m in methods:
         base = make_editor(m, layer, preset, **kw)
-        field = reg_field[base.method]
-        values = (regs or {}).get(base.method) or [getattr(base, field) if field else 0.0]
-        for reg in values:
-            ed = dataclasses.replace(base, **{field: reg}) if field else base
-            grid += [(base.method, reg, bs, ed) for bs in batch_sizes]
+        for reg in (regs or {}).get(base.method) or [base.reg]:
+            grid += [(base.method, reg, bs, dataclasses.replace(base, reg=reg)) for bs in batch_sizes]
     params = dict(model=lm.name, layer=layer, batch_sizes=list(batch_sizes), preset=preset,
                   cases=[getattr(r, "case_id", i) for i, r in enumerate(recs)],
                   grid=[(m, reg, bs, ed) for m, reg, bs, ed in grid])
@@ -337,8 +314,9 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
         for bs in batch_sizes:
             n_batches = total_edits // bs
             state_name = f"state-{m}-bs{bs:06d}"
-            with restored_weights([module]) as (W0,):
-                editor._C0(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
+            with restored_weights([module]):
+                W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
+                editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
                 start = 0
                 saved = store.load_state(state_name)
                 if saved is not None:
@@ -355,13 +333,12 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
                     t0 = time.perf_counter()
                     edit = editor.apply(lm, part, progress=False)
                     t_edit = time.perf_counter() - t0
-                    lm.edits.remove(edit)  # kept applied: the sequence continues on this model
+                    edit.commit()  # kept applied: the sequence continues on this model
                     frames = [_evaluate(lm, part, eval_batch_size, phase="batch", **cols)]
                     if done in checkpoints:
                         frames.append(_evaluate(lm, recs[:done], eval_batch_size, phase="all", **cols))
                     W = lm.weight(layer).detach().double()
-                    W0o = (W0.T if lm.adapter.conv1d else W0).double()
-                    probe = dict(phase="probe", **cols, update_norm=(W - W0o).norm().item(),
+                    probe = dict(phase="probe", **cols, update_norm=(W - W0).norm().item(),
                                  weight_norm=W.norm().item(), batch_delta_norm=edit.norms[layer]["delta_norm"],
                                  edit_seconds=t_edit)
                     if heldout:

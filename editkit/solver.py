@@ -72,7 +72,7 @@ def ridge(C0: torch.Tensor, eps: float) -> torch.Tensor:
 def least_squares_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float) -> Solution:
     """MEMIT: ``Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹`` (the normal equations ``Δ(λC0 + KKᵀ) = R Kᵀ``)."""
     A = lam * C0 + K @ K.T
-    L = _cholesky(A, "λ·C0 + K Kᵀ", "increase mom2_update_weight (λ), estimate C0 from more tokens, or set "
+    L = _cholesky(A, "λ·C0 + K Kᵀ", "increase reg (λ, mom2_update_weight), estimate C0 from more tokens, or set "
                   "c0_ridge (e.g. 1e-6) if the layer has dead units")
     delta = torch.cholesky_solve(K @ R.T, L).T  # A symmetric: Δᵀ = A⁻¹ K Rᵀ
     return Solution(delta, _cond_from_cholesky(L))
@@ -88,7 +88,7 @@ def equality_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam_E: fl
         D = D + lam_E * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
     LD = _cholesky(D, f"D = Kᵀ C0⁻¹ K ({D.shape[0]}×{D.shape[0]})",
                    "the keys are linearly dependent (duplicate subjects in one batch?); drop duplicates or "
-                   "set lambda_e > 0")
+                   "set reg (λ_E, lambda_e) > 0")
     delta = R @ torch.cholesky_solve(C0inv_K.T, LD)  # R D⁻¹ (C0⁻¹K)ᵀ
     return Solution(delta, _cond_from_cholesky(LD))
 

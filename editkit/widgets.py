@@ -18,17 +18,16 @@ import io
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import ipywidgets as widgets
 import torch
 
-from .editors import EMMET, MEMIT, ROME, Edit, EditError, Editor, preset_for
+from .editors import METHODS, Edit, EditError, Editor, make_editor, preset_for
 from .models import LanguageModel
 from .requests import EditRequest, RequestError, tokenize_spans, with_target
-from .values import ValueConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,6 @@ __all__ = [
     "load_results",
 ]
 
-METHODS: dict[str, type[Editor]] = {"ROME": ROME, "MEMIT": MEMIT, "EMMET": EMMET}
 _FIELDS = ("prompt", "subject", "target_new", "target_true", "layers", "paraphrases", "neighborhood")
 _ALL = "(all)"
 
@@ -286,7 +284,7 @@ class EditExplorer:
         """The preset the defaults come from (None: no preset fits; layers fall back)."""
         for name in self._preset_names():
             try:
-                ROME.preset(name)  # any method: a preset names all three
+                make_editor(next(iter(METHODS)), preset=name)  # a preset names every method
                 return name
             except (KeyError, OSError, ValueError):
                 continue
@@ -296,7 +294,7 @@ class EditExplorer:
         """The method's editor from the first preset that has it, or None (fallback)."""
         for name in self._preset_names():
             try:
-                return METHODS[method].preset(name, **kw)
+                return make_editor(method, preset=name, **kw)
             except (KeyError, OSError, ValueError) as exc:
                 if self.preset is not None:
                     log.warning("preset %r unusable for %s (%s); falling back to defaults", name, method, exc)
@@ -324,21 +322,15 @@ class EditExplorer:
             layers = parse_layers(self.layers.value, self.lm.n_layers)
         except ValueError as exc:
             raise _FieldError("layers", str(exc)) from None
-        if method == "ROME" and len(layers) != 1:
-            raise _FieldError("layers", f"layers: ROME edits exactly one layer (got {layers}); "
-                                        "use MEMIT or EMMET to spread an edit over several")
         kw: dict[str, Any] = dict(self.overrides)
         if self.corpus is not None:
             kw["corpus"] = self.corpus
-        kw.update({"layer": layers[0]} if method == "ROME" else {"layers": layers})
-        editor = self._preset_editor(method, **kw)
-        if editor is not None:
-            return editor
-        vfields = set(ValueConfig.__dataclass_fields__)
-        vkw = {k: kw.pop(k) for k in list(kw) if k in vfields}
-        if vkw:
-            kw["values"] = ValueConfig(**{**asdict(kw.get("values", ValueConfig())), **vkw})
-        return METHODS[method](**kw)
+        try:
+            return self._preset_editor(method, **kw, layers=layers) or make_editor(method, layers, **kw)
+        except ValueError as exc:  # e.g. ROME given several layers
+            if str(exc).startswith("layers"):
+                raise _FieldError("layers", str(exc)) from None
+            raise
 
     def make_request(self) -> EditRequest:
         """The request the text fields describe.

@@ -341,3 +341,69 @@ def test_presets_are_data():
     assert {"gpt2-xl", "gpt-j-6b", "llama-3-8b"} <= set(ek.available_presets())
     with pytest.raises(KeyError, match="available"):
         ek.EMMET.preset("no-such-model")
+
+
+def test_one_vocabulary_layers_and_reg_with_each_papers_alias():
+    """Every editor has ``layers`` and ``reg``; the papers' names are aliases, in
+    constructors, presets and on reading."""
+    assert ek.ROME(layer=3) == ek.ROME(layers=[3]) == ek.ROME(layers=3)
+    assert ek.ROME(layer=3).layer == 3 and ek.ROME(layer=3).reg == 0.0
+    m = ek.MEMIT(layers=[1], mom2_update_weight=7.0)
+    assert m == ek.MEMIT(layers=[1], reg=7.0) and m.reg == m.mom2_update_weight == 7.0
+    e = ek.EMMET(layers=[1], lambda_e=0.3)
+    assert e == ek.EMMET(layers=[1], reg=0.3) and e.lambda_e == 0.3
+    assert ek.MEMIT(layers=[1]).reg == 15000.0 and ek.EMMET(layers=[1]).reg == 0.1  # the papers' defaults
+    assert ek.MEMIT.preset("world-gpt2").reg == 100.0 and ek.ROME.preset("world-gpt2").layers == [0]
+    assert dataclasses.replace(m, reg=2.0).mom2_update_weight == 2.0
+    assert ek.MEMIT(layers=[1], v_steps=3).values.v_steps == 3  # flat value settings fold into `values`
+    with pytest.raises(ValueError, match="layers: ROME edits exactly one layer"):
+        ek.ROME(layers=[1, 2])
+    with pytest.raises(TypeError, match="both reg and mom2_update_weight"):
+        ek.MEMIT(layers=[1], reg=1.0, mom2_update_weight=2.0)
+    with pytest.raises(TypeError, match="unknown parameters \\['lamda_e'\\]"):
+        ek.EMMET(layers=[1], lamda_e=1.0)
+    with pytest.raises(ValueError, match="layers: give a non-empty list"):
+        ek.MEMIT(layers=[])
+
+
+def test_make_editor_is_the_one_constructor():
+    assert set(ek.METHODS) >= {"ROME", "MEMIT", "EMMET"}
+    r = ek.make_editor("ROME", 2, "world-gpt2", v_steps=3)
+    assert r.layers == [2] and r.values.v_steps == 3 and r.corpus == "world"  # the rest from the preset
+    m = ek.make_editor("MEMIT", [1, 2], mom2_update_weight=5.0)
+    assert m.layers == [1, 2] and m.reg == 5.0
+    t = ek.make_editor(m, 0, v_lr=0.1)  # an editor is a template
+    assert t.layers == [0] and t.reg == 5.0 and t.values.v_lr == 0.1 and m.layers == [1, 2]
+    with pytest.raises(ValueError, match="layers: MEMIT needs"):
+        ek.make_editor("MEMIT")
+    with pytest.raises(ValueError, match="choose from"):
+        ek.make_editor("MEMET", 1)
+
+
+def test_commit_keeps_the_weights_and_drops_the_undo_record(lm, C0s):
+    before = weights(lm)
+    ed = ek.EMMET(layers=[1], values=fast_values(v_steps=2), **FAST)
+    e1 = ed.apply(lm, REQS[:1], stats=C0s, progress=False)
+    # originals are stored as lm.weight() returns them (d_out × d_in, for GPT-2's Conv1D too)
+    W0 = before[1].T if lm.adapter.conv1d else before[1]
+    assert torch.equal(e1.originals[1], W0)
+    edited = lm.edit_module(1).weight.detach().clone()
+    e1.commit()
+    assert lm.edits == [] and e1.originals == {} and torch.equal(lm.edit_module(1).weight, edited)
+    with pytest.raises(ek.EditError, match="committed"):
+        e1.undo()
+    e2 = ed.apply(lm, REQS[1:2], stats=C0s, progress=False)  # a later edit still undoes exactly
+    e2.undo()
+    assert torch.equal(lm.edit_module(1).weight, edited)
+    with torch.no_grad():
+        lm.edit_module(1).weight.copy_(before[1])
+    with pytest.raises(ek.EditError, match="undone"):
+        e2.commit()
+
+
+def test_second_moment_accessor_is_computed_once_per_model():
+    lm = tiny_lm("gpt2", n_layer=2)
+    ed = ek.MEMIT(layers=[1], **FAST)
+    C0 = ed.second_moment(lm, 1, progress=False)
+    assert ed.second_moment(lm, 1) is C0
+    torch.testing.assert_close(C0, ek.second_moment(lm, 1, TINY_TEXT, n_samples=None, cache=False, progress=False))

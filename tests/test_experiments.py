@@ -1,13 +1,16 @@
 """Experiment runners: tidy frames, incremental writes, and resuming after an interruption."""
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import matplotlib
 import pandas as pd
 import pytest
 import torch
 
 import editkit as ek
-from editkit import experiments, plots
+from editkit import cli, experiments, plots
 from editkit.testing import TINY_TEXT, tiny_lm
 
 matplotlib.use("Agg")
@@ -111,6 +114,33 @@ def test_batch_sweep_sizes_and_lambda(lm, records, tmp_path):
     assert len(fig.axes) == 3
     fig = plots.reg_sweep(frame)  # one panel per (method, batch size); x = λ
     assert len(fig.axes) == 4 and fig.axes[0].get_xscale() == "log"
+
+
+@pytest.fixture
+def toy_method():
+    """A new method, as a user or a new module adds one: one dataclass and one ``@register`` line.
+    (MEMIT's least squares under its own name and alias, so its result is known.)"""
+    @ek.register
+    @dataclasses.dataclass(kw_only=True)
+    class Toy(ek.Editor):
+        reg: float = 10.0
+        method: ClassVar[str] = "TOY"
+        constraint: ClassVar[str] = "least_squares"
+        aliases: ClassVar[dict[str, str]] = {"toy_lambda": "reg"}
+
+    yield Toy
+    del ek.METHODS["TOY"]
+
+
+def test_a_registered_method_runs_through_the_runners(lm, records, tmp_path, toy_method):
+    assert ek.make_editor("TOY", 1, toy_lambda=3.0) == toy_method(layers=[1], reg=3.0)
+    assert "TOY      constraint=least_squares  aliases: toy_lambda=reg" in cli.describe_methods()
+    frame = experiments.batch_sweep(lm, records, ["TOY", "MEMIT"], 1, [2], editor_kwargs=FAST,
+                                    regs={"TOY": [1.0], "MEMIT": [1.0]}, root=tmp_path, progress=False)
+    post = frame[frame.phase == "post"]
+    toy, memit = (post[post.method == m].drop(columns="method").reset_index(drop=True) for m in ("TOY", "MEMIT"))
+    assert len(toy) > 0 and set(toy.reg) == {1.0}
+    pd.testing.assert_frame_equal(toy.drop(columns="edit_seconds"), memit.drop(columns="edit_seconds"))
 
 
 def test_sequential_batched_resumes_to_the_same_result(lm, records, tmp_path, monkeypatch):
