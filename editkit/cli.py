@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.command == "world":
-        from .world import build_world
+        from .world import WORLD_MODELS, build_world
 
+        bad = [m for m in args.models if m not in WORLD_MODELS]
+        if bad:
+            parser.error(f"unknown world model(s) {', '.join(bad)}; valid names: {', '.join(sorted(WORLD_MODELS))}")
         for path in build_world(args.models, progress=True):
             print(path)
         return 0
@@ -118,11 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_methods(args.preset))
         return 0
 
+    if args.notebooks is not None and not args.notebooks.is_dir():
+        parser.error(f"--notebooks {args.notebooks}: no such folder")
     notebooks = args.notebooks or find_notebooks_dir()
     names = args.only or [n for n in NOTEBOOKS if (notebooks / n).exists()]
     unknown = [n for n in names if not (notebooks / n).exists()]
     if unknown:
         parser.error(f"no such notebook(s) in {notebooks}: {', '.join(unknown)}")
+    if not names:
+        parser.error(f"no notebooks to run in {notebooks} (expected {', '.join(NOTEBOOKS)})")
     if args.quick and args.figures == Path("figures"):
         args.figures = args.runs / "quick-figures"  # quick figures never overwrite the real ones
     failed = run_notebooks(names, notebooks, args.figures, args.runs, args.quick, timeout=args.timeout)

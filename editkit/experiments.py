@@ -16,10 +16,13 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -32,10 +35,22 @@ from .models import LanguageModel
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunStore", "layer_sweep", "batch_sweep", "sequential_batched", "load_run", "make_editor", "perplexity",
-           "heldout_texts"]
+__all__ = ["RunStore", "RunStoreError", "UnitClaimed", "records_digest", "unit_float", "layer_sweep", "batch_sweep",
+           "sequential_batched", "load_run", "make_editor", "perplexity", "heldout_texts"]
 
 # --- run store --------------------------------------------------------------
+
+#: Layout version written to ``params.json``; runs without it predate unit manifests.
+STORE_FORMAT = 2
+
+
+class RunStoreError(RuntimeError):
+    """A run directory holds something that cannot be trusted; the message names the file."""
+
+
+class UnitClaimed(RuntimeError):
+    """Another live runner holds the claim on this unit."""
+
 
 def _jsonable(x: Any) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -49,86 +64,356 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
+def records_digest(records: Sequence[Any]) -> str:
+    """sha256 of the records' *content* (every field, in order), not their case_ids:
+    two record lists that differ in any target, prompt or order get different keys."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(type(r).__name__.encode())
+        h.update(json.dumps(_jsonable(r), sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def unit_float(x: float) -> str:
+    """A lossless, file-name-safe spelling of a float for unit names (``repr``:
+    shortest string that reads back to the same double; ``%g`` merged 1234567 and 1234568)."""
+    return repr(float(x))
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _unique_tmp(path: Path) -> Path:
+    """A temporary name next to ``path`` no other writer (process, thread, host) uses."""
+    return path.with_name(f".{path.name}.{platform.node()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = _unique_tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise RunStoreError(f"unit file {path} is not a readable CSV ({type(exc).__name__}: {exc}); "
+                            "delete it (and its .json manifest) and re-run to recompute that unit") from exc
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @dataclass
 class RunStore:
-    """A run directory: ``params.json`` plus one CSV per finished unit."""
+    """A run directory: ``params.json`` plus, per finished unit, ``units/<unit>.csv`` and
+    its manifest ``units/<unit>.json`` (row count, byte size, sha256 of the CSV).
+
+    A unit counts as done only when its manifest matches its CSV, so a truncated,
+    header-only or overwritten file is never taken as finished. Writes go to unique
+    temporary names and are renamed into place (CSV first, manifest last), so a crash
+    leaves either a verified unit or one that is redone.
+
+    Several runners (processes, threads, hosts on a shared filesystem) can work on one
+    directory: each unit is computed under :meth:`claim`, an ``O_EXCL`` lock file
+    holding its owner's host, pid and a token, refreshed every ``heartbeat`` seconds.
+    A lock is stale (and taken over) when its owner is a dead process on this host or
+    when it was not refreshed for ``stale_after`` seconds (a crashed remote worker).
+
+    The API a scheduler needs: ``is_done(unit)``, ``units()`` (the finished ones),
+    ``with store.claim(unit): ... store.write(unit, frame)``, and :meth:`run_units`,
+    which does a list of units cooperatively with any other runner on the directory.
+    """
 
     path: Path
+    stale_after: float = 600.0
+    heartbeat: float = 30.0
+    poll: float = 1.0
 
     @classmethod
     def open(cls, kind: str, params: dict, run_dir: str | os.PathLike | None = None,
-             root: str | os.PathLike = "runs") -> "RunStore":
+             root: str | os.PathLike = "runs", **kw: Any) -> "RunStore":
         params = _jsonable(params)
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
         path = Path(run_dir) if run_dir is not None else Path(root) / f"{kind}-{digest}"
         (path / "units").mkdir(parents=True, exist_ok=True)
-        meta = {"kind": kind, "key": digest, "params": params, "editkit_version": __version__,
-                "torch_version": torch.__version__, "python": platform.python_version(),
-                "machine": platform.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {"kind": kind, "key": digest, "format": STORE_FORMAT, "params": params,
+                "editkit_version": __version__, "torch_version": torch.__version__,
+                "python": platform.python_version(), "machine": platform.machine(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         pfile = path / "params.json"
-        if pfile.exists():
-            old = json.loads(pfile.read_text())
-            if old.get("key") != digest:
-                raise ValueError(f"run directory {path} holds a run with other parameters (key {old.get('key')} "
-                                 f"≠ {digest}); pass another run_dir or omit it to get one keyed by the parameters")
-        else:
+        if not pfile.exists():
+            # Two runners may race here: both write the same key, the rename is atomic.
             _atomic_write_text(pfile, json.dumps(meta, indent=2))
+        old = _read_params(pfile)
+        if old.get("key") != digest:
+            raise ValueError(f"run directory {path} holds a run with other parameters (key {old.get('key')} "
+                             f"≠ {digest}); pass another run_dir or omit it to get one keyed by the parameters")
         log.info("run %s: %s", kind, path)
-        return cls(path)
+        return cls(path, **kw)
 
+    # --- files -------------------------------------------------------------
     def _file(self, unit: str) -> Path:
+        if not unit or any(c in unit for c in "/\\\0") or unit.startswith("."):
+            raise ValueError(f"unit name {unit!r} must be a plain file name (no '/', not starting with '.')")
         return self.path / "units" / f"{unit}.csv"
 
-    def has(self, unit: str) -> bool:
-        return self._file(unit).exists()
+    def _manifest(self, unit: str) -> Path:
+        return self._file(unit).with_suffix(".json")
 
+    def _lock(self, unit: str) -> Path:
+        return self._file(unit).with_suffix(".lock")
+
+    # --- state of units ----------------------------------------------------
+    def _verify(self, unit: str) -> str | None:
+        """None when the unit's CSV matches its manifest, else why not."""
+        f, m = self._file(unit), self._manifest(unit)
+        if not m.exists():
+            return "no manifest (unfinished)" if f.exists() else "absent"
+        try:
+            man = json.loads(m.read_text())
+            want_sha, want_bytes = man["sha256"], int(man["bytes"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"manifest {m} is unreadable ({type(exc).__name__}: {exc})"
+        if not f.exists():
+            return f"manifest {m} has no CSV"
+        sha, n = _sha256_file(f)
+        if n != want_bytes or sha != want_sha:
+            return f"{f} has {n} bytes / sha256 {sha[:12]}, its manifest records {want_bytes} bytes / {want_sha[:12]}"
+        return None
+
+    def is_done(self, unit: str) -> bool:
+        """Whether ``unit`` was written completely (its CSV matches its manifest)."""
+        return self._verify(unit) is None
+
+    # kept for callers of the first API
+    has = is_done
+
+    def units(self) -> list[str]:
+        """Names of the finished units (verified), sorted."""
+        names = sorted(p.stem for p in (self.path / "units").glob("*.json"))
+        return [u for u in names if self.is_done(u)]
+
+    @contextmanager
+    def claim(self, unit: str) -> Iterator[None]:
+        """Hold the per-unit lock for the block; raises :class:`UnitClaimed` at once if a
+        live runner holds it. Safe across processes and hosts on a shared filesystem."""
+        lock = self._lock(unit)
+        token = uuid.uuid4().hex
+        owner = json.dumps({"host": platform.node(), "pid": os.getpid(), "token": token,
+                            "time": time.time()})
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._break_if_stale(lock):
+                    raise UnitClaimed(f"unit {unit!r} of {self.path} is being computed by {self._owner(lock)}")
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(owner)
+            break
+        else:
+            raise UnitClaimed(f"unit {unit!r} of {self.path}: could not take its lock {lock}")
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat):
+                try:
+                    os.utime(lock)
+                except OSError:
+                    return
+
+        thread = threading.Thread(target=beat, daemon=True, name=f"editkit-claim-{unit}")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            if self._owner(lock).get("token") == token:  # never remove a lock someone took over
+                lock.unlink(missing_ok=True)
+
+    def _owner(self, lock: Path) -> dict:
+        try:
+            return json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _break_if_stale(self, lock: Path) -> bool:
+        """Remove ``lock`` if its owner is gone; True when the caller may retry."""
+        owner = self._owner(lock)
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile
+        dead = owner.get("host") == platform.node() and isinstance(owner.get("pid"), int) \
+            and not _pid_alive(owner["pid"])
+        if not (dead or age > self.stale_after or (not owner and age > 5 * self.poll)):
+            return False
+        log.warning("taking over the stale lock %s (owner %s, last refreshed %.0f s ago)", lock, owner, age)
+        aside = _unique_tmp(lock)
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            return True
+        if self._owner(aside).get("token") != owner.get("token"):  # a fresh lock slipped in: put it back
+            try:
+                os.link(aside, lock)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
+
+    # --- reading and writing -------------------------------------------------
     def write(self, unit: str, frame: pd.DataFrame) -> None:
+        """Write ``unit`` atomically, then its manifest (rows, bytes, sha256)."""
         f = self._file(unit)
-        tmp = f.with_suffix(".tmp")
+        tmp = _unique_tmp(f)
         frame.to_csv(tmp, index=False)
-        os.replace(tmp, f)  # atomic: a unit is either complete or absent
+        sha, n = _sha256_file(tmp)
+        os.replace(tmp, f)
+        man = {"unit": unit, "rows": len(frame), "columns": list(map(str, frame.columns)), "bytes": n,
+               "sha256": sha, "host": platform.node(), "pid": os.getpid(),
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _atomic_write_text(self._manifest(unit), json.dumps(man, indent=1))
 
     def read(self, unit: str) -> pd.DataFrame:
-        return pd.read_csv(self._file(unit))
+        """One finished unit, verified (a mismatch raises :class:`RunStoreError` naming the file)."""
+        why = self._verify(unit)
+        if why is not None:
+            raise RunStoreError(f"unit {unit!r} of {self.path} cannot be trusted: {why}")
+        frame = _read_csv(self._file(unit))
+        rows = json.loads(self._manifest(unit).read_text())["rows"]
+        if len(frame) != rows:
+            raise RunStoreError(f"unit file {self._file(unit)} has {len(frame)} rows, its manifest records {rows}")
+        return frame
 
     def load(self) -> pd.DataFrame:
-        files = sorted((self.path / "units").glob("*.csv"))
-        if not files:
-            return pd.DataFrame()
-        return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+        """Every finished unit, each verified against its manifest. A unit CSV without a
+        manifest is unfinished (a crash between the two renames) and is left out with a
+        warning; a CSV that does not match its manifest raises, naming the file."""
+        units = self.path / "units"
+        legacy = _read_params(self.path / "params.json").get("format") is None \
+            if (self.path / "params.json").exists() else False
+        csvs = sorted(units.glob("*.csv"))
+        if legacy:
+            log.warning("run %s predates unit manifests: its %d unit files cannot be verified", self.path, len(csvs))
+            frames = [_read_csv(f) for f in csvs]
+        else:
+            unfinished = [f.name for f in csvs if not f.with_suffix(".json").exists()]
+            if unfinished:
+                log.warning("run %s: %d unit file(s) without a manifest are unfinished and left out: %s",
+                            self.path, len(unfinished), ", ".join(unfinished[:5]))
+            frames = [self.read(m.stem) for m in sorted(units.glob("*.json"))]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def run_units(self, work: Sequence[tuple[str, Callable[[], pd.DataFrame]]], *, desc: str = "units",
+                  progress: bool = True) -> None:
+        """Compute every ``(unit, make_frame)`` not yet done, each under its claim, together
+        with any other runner on this directory: units claimed by a live runner are
+        skipped and waited for; a unit found corrupt is redone."""
+        def job(unit: str, make: Callable[[], pd.DataFrame]):
+            def done() -> bool:
+                why = self._verify(unit)
+                if why not in (None, "absent"):
+                    log.warning("run %s: redoing unit %r: %s", self.path, unit, why)
+                return why is None
+            return unit, done, lambda: self.write(unit, make())
+
+        self.run_jobs([job(u, m) for u, m in work], desc=desc, progress=progress)
+
+    def run_jobs(self, jobs: Sequence[tuple[str, Callable[[], bool], Callable[[], None]]], *, desc: str = "units",
+                 progress: bool = True) -> None:
+        """The cooperative loop under :meth:`run_units`, for jobs that write several
+        files: ``(claim name, is_done, do)``; ``do`` runs under the claim when not done."""
+        pending = list(jobs)
+        bar = tqdm(total=len(pending), desc=desc, unit="unit", disable=not progress)
+        while pending:
+            waiting = []
+            for name, done, do in pending:
+                if done():
+                    bar.update(1)
+                    continue
+                try:
+                    with self.claim(name):
+                        if not done():  # finished by another runner meanwhile?
+                            do()
+                    bar.update(1)
+                except UnitClaimed:
+                    waiting.append((name, done, do))
+            pending = waiting
+            if pending:
+                time.sleep(self.poll)
+        bar.close()
+
+    # --- tensors (sequential editing state) ----------------------------------
     def save_state(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         from safetensors.torch import save_file
 
         f = self.path / f"{name}.safetensors"
-        tmp = f.with_suffix(".tmp")
+        tmp = _unique_tmp(f)
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"meta": json.dumps(meta)})
         os.replace(tmp, f)
 
     def load_state(self, name: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The saved state, or None when absent or unreadable (then logged, naming the file)."""
         from safetensors import safe_open
 
         f = self.path / f"{name}.safetensors"
         if not f.exists():
             return None
-        with safe_open(str(f), "pt") as h:
-            return {k: h.get_tensor(k) for k in h.keys()}, json.loads(h.metadata()["meta"])
+        try:
+            with safe_open(str(f), "pt") as h:
+                return {k: h.get_tensor(k) for k in h.keys()}, json.loads(h.metadata()["meta"])
+        except Exception as exc:  # safetensors raises its own error types
+            log.warning("state file %s is unreadable (%s: %s); starting that sequence over", f,
+                        type(exc).__name__, exc)
+            return None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _read_params(pfile: Path) -> dict:
+    try:
+        data = json.loads(pfile.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RunStoreError(f"{pfile} is not valid JSON ({type(exc).__name__}: {exc}); the run's parameters "
+                            "are unknown: restore the file or delete the run directory") from exc
+    if not isinstance(data, dict) or "key" not in data:
+        raise RunStoreError(f"{pfile} is not an editkit params.json (no 'key'); restore it or delete the run")
+    return data
 
 
 def load_run(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every row a run directory holds (finished units only), with its parameters in ``.attrs``."""
-    store = RunStore(Path(run_dir))
-    frame = store.load()
-    pfile = Path(run_dir) / "params.json"
-    if pfile.exists():
-        frame.attrs["run"] = json.loads(pfile.read_text())
+    """Every row a run directory holds (finished, verified units only), with its
+    parameters in ``.attrs["run"]``. Raises for a missing directory, a corrupt
+    ``params.json`` or a unit file that does not match its manifest, naming the file."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {str(path)!r} does not exist")
+    pfile = path / "params.json"
+    if not pfile.exists():
+        raise RunStoreError(f"{path} is not a run directory: it has no params.json")
+    meta = _read_params(pfile)
+    frame = RunStore(path).load()
+    frame.attrs["run"] = meta
     return frame
 
 
@@ -143,6 +428,20 @@ def _records(records: Sequence[Any], n: int | None) -> list[Any]:
     if n is not None and n > len(records):
         raise ValueError(f"asked for {n} edits but only {len(records)} records were given")
     return records[:n] if n is not None else records
+
+
+def _positive(**values: Any) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+
+
+def _identity(lm: LanguageModel, recs: Sequence[Any]) -> dict:
+    """What a run's rows are computed *from*: the model's name and a fingerprint of
+    all its weights, and the records' content (their case_ids are kept for humans).
+    Part of every run key, so other weights or other targets never reuse old rows."""
+    return dict(model=lm.name, model_fingerprint=lm.fingerprint(), records=records_digest(recs),
+                cases=[getattr(r, "case_id", i) for i, r in enumerate(recs)])
 
 
 def _evaluate(lm, records, eval_batch_size, /, **cols) -> pd.DataFrame:
@@ -177,7 +476,7 @@ def perplexity(lm: LanguageModel, texts: Sequence[str], batch_size: int = 16, ma
     nll, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         enc = lm.tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                           max_length=max_length).to(lm.device)
+                           max_length=min(max_length, lm.max_positions or max_length)).to(lm.device)
         logits = lm.model(**enc).logits[:, :-1].float()
         tgt, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].bool()
         lp = logits.log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
@@ -199,36 +498,39 @@ def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
     causal-tracing importance per layer is added as ``phase="trace"`` rows."""
     recs = _records(records, n_edits)
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    _positive(chunk=chunk, eval_batch_size=eval_batch_size)
     kw = editor_kwargs or {}
     editors = {(_method_name(m), l): make_editor(m, l, preset, **kw) for m in methods for l in layers}
-    params = dict(model=lm.name, methods=[_method_name(m) for m in methods], layers=layers, n_edits=len(recs),
-                  cases=[getattr(r, "case_id", i) for i, r in enumerate(recs)], preset=preset,
-                  editors={f"{m}-L{l}": e for (m, l), e in editors.items()}, trace=trace)
+    params = dict(**_identity(lm, recs), methods=[_method_name(m) for m in methods], layers=layers,
+                  n_edits=len(recs), preset=preset, editors={f"{m}-L{l}": e for (m, l), e in editors.items()},
+                  trace=trace, chunk=chunk, eval_batch_size=eval_batch_size)
     store = RunStore.open("layer_sweep", params, run_dir, root)
-    units = [("pre", None, None, i) for i in range(0, len(recs), chunk)]
-    units += [("post", m, l, i) for (m, l) in editors for i in range(0, len(recs), chunk)]
-    for phase, m, l, i in tqdm(units, desc="layer sweep", unit="unit", disable=not progress):
-        name = f"pre-{i:06d}" if phase == "pre" else f"{m}-L{l:03d}-{i:06d}"
-        if store.has(name):
-            continue
-        part = recs[i:i + chunk]
-        if phase == "pre":
-            frame = _evaluate(lm, part, eval_batch_size, phase="pre", method="none", layer=-1)
-        else:
-            editor = editors[(m, l)]
+
+    def pre(i: int):
+        return lambda: _evaluate(lm, recs[i:i + chunk], eval_batch_size, phase="pre", method="none", layer=-1)
+
+    def post(m: str, l: int, i: int):
+        def make() -> pd.DataFrame:
             frames = []
-            for r in part:
-                with editor.applied(lm, [r], progress=False) as edit:
+            for r in recs[i:i + chunk]:
+                with editors[(m, l)].applied(lm, [r], progress=False) as edit:
                     frames.append(_evaluate(lm, [r], eval_batch_size, phase="post", method=m, layer=l,
                                             delta_norm=edit.norms[l]["delta_norm"]))
-            frame = pd.concat(frames, ignore_index=True)
-        store.write(name, frame)
-    if trace and not store.has("trace"):
+            return pd.concat(frames, ignore_index=True)
+        return make
+
+    def trace_unit() -> pd.DataFrame:
         from .tracing import layer_importance
 
         imp = layer_importance(lm, recs[: min(len(recs), 50)], progress=False)
         imp["phase"] = "trace"
-        store.write("trace", imp)
+        return imp
+
+    work = [(f"pre-{i:06d}", pre(i)) for i in range(0, len(recs), chunk)]
+    work += [(f"{m}-L{l:03d}-{i:06d}", post(m, l, i)) for (m, l) in editors for i in range(0, len(recs), chunk)]
+    if trace:
+        work.append(("trace", trace_unit))
+    store.run_units(work, desc="layer sweep", progress=progress)
     return store.load()
 
 
@@ -242,30 +544,39 @@ def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
     """One batch of each size edited into the unedited model and scored (the first
     ``batch_size`` records, so batches are nested). ``regs`` optionally sweeps λ
     (``{"MEMIT": [1e3, 1e4], "EMMET": [0.01, 0.1]}``); the value is in column ``reg``."""
+    batch_sizes = list(batch_sizes)
+    if not batch_sizes:
+        raise ValueError("batch_sizes is empty; give at least one batch size, e.g. batch_sizes=[16, 64]")
+    _positive(eval_batch_size=eval_batch_size, **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)})
+    if len(set(batch_sizes)) < len(batch_sizes):
+        raise ValueError(f"batch_sizes={batch_sizes} has duplicates")
     recs = _records(records, max(batch_sizes))
     kw = editor_kwargs or {}
     grid = []
     for m in methods:
         base = make_editor(m, layer, preset, **kw)
-        for reg in (regs or {}).get(base.method) or [base.reg]:
-            grid += [(base.method, reg, bs, dataclasses.replace(base, reg=reg)) for bs in batch_sizes]
-    params = dict(model=lm.name, layer=layer, batch_sizes=list(batch_sizes), preset=preset,
-                  cases=[getattr(r, "case_id", i) for i, r in enumerate(recs)],
-                  grid=[(m, reg, bs, ed) for m, reg, bs, ed in grid])
+        values = [float(v) for v in ((regs or {}).get(base.method) or [base.reg])]
+        if len(set(values)) < len(values):
+            raise ValueError(f"regs[{base.method!r}]={values} has duplicates")
+        grid += [(base.method, reg, bs, dataclasses.replace(base, reg=reg)) for reg in values for bs in batch_sizes]
+    params = dict(**_identity(lm, recs), layer=layer, batch_sizes=batch_sizes, preset=preset,
+                  eval_batch_size=eval_batch_size, grid=[(m, reg, bs, ed) for m, reg, bs, ed in grid])
     store = RunStore.open("batch_sweep", params, run_dir, root)
-    if not store.has("pre"):
-        store.write("pre", _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0, reg=0.0))
-    for m, reg, bs, ed in tqdm(grid, desc="batch sweep", unit="batch", disable=not progress):
-        name = f"{m}-reg{reg:g}-bs{bs:06d}"
-        if store.has(name):
-            continue
-        part = recs[:bs]
-        t0 = time.perf_counter()
-        with ed.applied(lm, part, progress=False) as edit:
-            t_edit = time.perf_counter() - t0
-            frame = _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
-                              delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
-        store.write(name, frame)
+
+    def edited(m: str, reg: float, bs: int, ed: Editor):
+        def make() -> pd.DataFrame:
+            part = recs[:bs]
+            t0 = time.perf_counter()
+            with ed.applied(lm, part, progress=False) as edit:
+                t_edit = time.perf_counter() - t0
+                return _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
+                                 delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
+        return make
+
+    work = [("pre", lambda: _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0,
+                                      reg=0.0))]
+    work += [(f"{m}-reg{unit_float(reg)}-bs{bs:06d}", edited(m, reg, bs, ed)) for m, reg, bs, ed in grid]
+    store.run_units(work, desc="batch sweep", progress=progress)
     return store.load()
 
 
@@ -287,6 +598,9 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
     resumes from its last finished batch. The model is restored exactly at the end.
     """
     recs = _records(records, total_edits)
+    batch_sizes = list(batch_sizes)
+    _positive(total_edits=total_edits, eval_batch_size=eval_batch_size,
+              **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)})
     for bs in batch_sizes:
         if total_edits % bs:
             raise ValueError(f"total_edits={total_edits} is not a multiple of batch size {bs}")
@@ -294,26 +608,36 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
         checkpoints = sorted({4 ** k for k in range(12) if 4 ** k <= total_edits} | {total_edits})
     kw = editor_kwargs or {}
     editors = {_method_name(m): make_editor(m, layer, preset, **kw) for m in methods}
-    params = dict(model=lm.name, layer=layer, batch_sizes=list(batch_sizes), total_edits=total_edits,
-                  checkpoints=list(checkpoints), preset=preset, editors=editors,
-                  cases=[getattr(r, "case_id", i) for i, r in enumerate(recs)],
-                  heldout=hashlib.sha256("\x00".join(heldout or []).encode()).hexdigest()[:12])
+    params = dict(**_identity(lm, recs), layer=layer, batch_sizes=batch_sizes, total_edits=total_edits,
+                  checkpoints=list(checkpoints), preset=preset, editors=editors, eval_batch_size=eval_batch_size,
+                  heldout=hashlib.sha256("\x00".join(heldout or []).encode()).hexdigest())
     store = RunStore.open("sequential_batched", params, run_dir, root)
     module = lm.edit_module(layer)
-    if not store.has("pre"):
+
+    def pre_unit() -> pd.DataFrame:
         pre = _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0, batch=-1, edits_so_far=0)
         W = lm.weight(layer).detach().double()
         probe = dict(phase="probe", method="none", batch_size=0, batch=-1, edits_so_far=0, update_norm=0.0,
                      weight_norm=W.norm().item())
         if heldout:
             probe["perplexity"] = perplexity(lm, heldout)
-        store.write("pre", pd.concat([pre, pd.DataFrame([probe])], ignore_index=True))
+        return pd.concat([pre, pd.DataFrame([probe])], ignore_index=True)
+
+    store.run_units([("pre", pre_unit)], desc="sequential-batched (pre)", progress=progress)
     total_steps = sum(total_edits // bs for bs in batch_sizes) * len(editors)
     bar = tqdm(total=total_steps, desc="sequential-batched", unit="batch", disable=not progress)
-    for m, editor in editors.items():
-        for bs in batch_sizes:
-            n_batches = total_edits // bs
-            state_name = f"state-{m}-bs{bs:06d}"
+
+    def unit_name(m: str, bs: int, b: int) -> str:
+        return f"{m}-bs{bs:06d}-b{b:06d}"
+
+    def sequence(m: str, editor: Editor, bs: int):
+        n_batches = total_edits // bs
+        state_name = f"state-{m}-bs{bs:06d}"
+
+        def done() -> bool:
+            return all(store.is_done(unit_name(m, bs, b)) for b in range(n_batches))
+
+        def do() -> None:
             with restored_weights([module]):
                 W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
                 editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
@@ -321,22 +645,28 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
                 saved = store.load_state(state_name)
                 if saved is not None:
                     tensors, meta = saved
-                    start = meta["next_batch"]
-                    with torch.no_grad():
-                        module.weight.copy_(tensors["weight"].to(module.weight))
-                    log.info("%s bs=%d: resuming after batch %d", m, bs, start)
+                    start = int(meta["next_batch"])
+                    broken = [b for b in range(start) if not store.is_done(unit_name(m, bs, b))]
+                    if broken:  # an earlier batch's file is gone or corrupt: only a full rerun can redo it
+                        log.warning("%s bs=%d: unit(s) %s of %s are missing or corrupt; restarting the sequence",
+                                    m, bs, [unit_name(m, bs, b) for b in broken[:3]], store.path)
+                        start = 0
+                    else:
+                        with torch.no_grad():
+                            module.weight.copy_(tensors["weight"].to(module.weight))
+                        log.info("%s bs=%d: resuming after batch %d", m, bs, start)
                 bar.update(start)
                 for b in range(start, n_batches):
                     part = recs[b * bs:(b + 1) * bs]
-                    done = (b + 1) * bs
-                    cols = dict(method=m, batch_size=bs, batch=b, edits_so_far=done)
+                    done_edits = (b + 1) * bs
+                    cols = dict(method=m, batch_size=bs, batch=b, edits_so_far=done_edits)
                     t0 = time.perf_counter()
                     edit = editor.apply(lm, part, progress=False)
                     t_edit = time.perf_counter() - t0
                     edit.commit()  # kept applied: the sequence continues on this model
                     frames = [_evaluate(lm, part, eval_batch_size, phase="batch", **cols)]
-                    if done in checkpoints:
-                        frames.append(_evaluate(lm, recs[:done], eval_batch_size, phase="all", **cols))
+                    if done_edits in checkpoints:
+                        frames.append(_evaluate(lm, recs[:done_edits], eval_batch_size, phase="all", **cols))
                     W = lm.weight(layer).detach().double()
                     probe = dict(phase="probe", **cols, update_norm=(W - W0).norm().item(),
                                  weight_norm=W.norm().item(), batch_delta_norm=edit.norms[layer]["delta_norm"],
@@ -346,8 +676,13 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
                     frames.append(pd.DataFrame([probe]))
                     # Unit, then state: a crash in between redoes batch b from the state before it
                     # and atomically overwrites the same unit file, so no row is lost or duplicated.
-                    store.write(f"{m}-bs{bs:06d}-b{b:06d}", pd.concat(frames, ignore_index=True))
+                    store.write(unit_name(m, bs, b), pd.concat(frames, ignore_index=True))
                     store.save_state(state_name, {"weight": module.weight.detach()}, {"next_batch": b + 1})
                     bar.update(1)
+
+        return f"seq-{m}-bs{bs:06d}", done, do
+
+    store.run_jobs([sequence(m, e, bs) for m, e in editors.items() for bs in batch_sizes],
+                   desc="sequential-batched", progress=False)
     bar.close()
     return store.load()

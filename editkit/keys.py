@@ -63,7 +63,8 @@ def keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int, prefixe
     module = lm.edit_module(layer)
     rows = []
     for i in range(0, len(texts), batch_size):
-        batch = tokenize_spans(lm.tokenizer, texts[i:i + batch_size], spans[i:i + batch_size])
+        batch = tokenize_spans(lm.tokenizer, texts[i:i + batch_size], spans[i:i + batch_size],
+                               max_positions=lm.max_positions)
         with capture_input(module) as seen, stop_after(module):
             lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
         k = seen[0]
@@ -81,7 +82,8 @@ def hidden_at_subject(lm: LanguageModel, requests: Sequence[EditRequest], layer:
     rows = []
     for i in range(0, len(requests), batch_size):
         chunk = requests[i:i + batch_size]
-        batch = tokenize_spans(lm.tokenizer, [r.text for r in chunk], [[r.subject_span] for r in chunk])
+        batch = tokenize_spans(lm.tokenizer, [r.text for r in chunk], [[r.subject_span] for r in chunk],
+                               max_positions=lm.max_positions)
         with capture_output(block) as seen, stop_after(block):
             lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
         h = seen[0]

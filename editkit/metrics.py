@@ -97,7 +97,8 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], batch_siz
     device = lm.device
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc="scoring", unit="batch", disable=not progress or not batches):
-        batch = tokenize_spans(tok, [texts_spans[i][0] for i in idx], [[texts_spans[i][1]] for i in idx])
+        batch = tokenize_spans(tok, [texts_spans[i][0] for i in idx], [[texts_spans[i][1]] for i in idx],
+                               max_positions=lm.max_positions)
         logits = lm.model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
         rows, pos, tgt = [], [], []
         for b, spans in enumerate(batch.spans):

@@ -51,6 +51,10 @@ class EditRequest:
             raise RequestError("target_new must be a non-empty string, e.g. target_new='English'")
         if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
             raise RequestError("target_true must be a non-empty string or None")
+        if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
+            raise RequestError(
+                f"target_new equals target_true ({self.target_new!r}): there is nothing to edit; "
+                "give target_new the new object the fact should have")
         if self.prompt.endswith(" "):
             raise RequestError(
                 f"prompt must not end with a space: {self.prompt!r}; the target is appended with its own leading space"
@@ -149,15 +153,27 @@ class Batch:
         return torch.tensor([s[span][-1] for s in self.spans], dtype=torch.long)
 
 
-def tokenize_spans(tokenizer: Any, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]) -> Batch:
+def tokenize_spans(tokenizer: Any, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]],
+                   max_positions: int | None = None) -> Batch:
     """Tokenize ``texts`` (right-padded) and locate each character span's tokens.
 
     The one place where editkit maps characters to tokens: a span's tokens are every
     non-special token that stands for one of its characters (see :func:`token_ranges`),
     so a target span from :func:`with_target` includes a token that is only its space.
+
+    ``max_positions`` (the model's context length) makes a text longer than the
+    model can read an error naming it, instead of an ``IndexError`` deep in the
+    position embeddings (GPT-2) or silently extrapolated positions (rotary models).
     """
     enc = tokenizer(list(texts), return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
                     return_tensors="pt")
+    if max_positions is not None and enc["input_ids"].shape[1] > max_positions:
+        lengths = enc["attention_mask"].sum(1).tolist()
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        raise RequestError(
+            f"text of {lengths[i]} tokens is longer than the model's {max_positions} positions "
+            f"(max_position_embeddings): {texts[i][:80]!r}{'...' if len(texts[i]) > 80 else ''}. "
+            "Shorten the prompt (context prefixes and the target count too).")
     out: list[list[list[int]]] = []
     for i, (text, text_spans) in enumerate(zip(texts, spans)):
         mask = enc["attention_mask"][i].bool()

@@ -9,9 +9,11 @@ by everything that affects it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,7 +27,7 @@ from .models import LanguageModel
 log = logging.getLogger(__name__)
 
 __all__ = ["second_moment", "SecondMomentInfo", "HubCorpus", "CorpusUnavailableError", "iter_corpus", "condition_number",
-           "cache_dir"]
+           "cache_dir", "materialize_corpus"]
 
 #: Hub datasets behind the short corpus names users type.
 HUB_CORPORA = {
@@ -73,15 +75,36 @@ def corpus_name(corpus: Any) -> str:
     """A stable identity for a corpus argument (for cache keys and logs)."""
     if isinstance(corpus, HubCorpus):
         return f"hub:{corpus.repo}:{corpus.config}:{corpus.split}"
+    if isinstance(corpus, os.PathLike):
+        corpus = os.fspath(corpus)
     if isinstance(corpus, str):
         p = Path(corpus)
         if p.exists():
             st = p.stat()
             return f"path:{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
         return corpus
+    if not isinstance(corpus, (list, tuple)):
+        raise TypeError("corpus_name needs a list of texts; pass the corpus through materialize_corpus first "
+                        "(a generator would be consumed by hashing it)")
     texts = list(corpus)
     h = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
     return f"list:{len(texts)}:{h}"
+
+
+def materialize_corpus(corpus: Any, n_samples: int | None = None) -> Any:
+    """A one-shot iterable corpus (a generator, a file handle, ``map(...)``) as a list of
+    its first ``n_samples`` texts, so it can be both hashed for the cache key and read;
+    names, paths, lists and :class:`HubCorpus` pass through unchanged."""
+    if isinstance(corpus, (str, os.PathLike, HubCorpus, list, tuple)):
+        return corpus
+    if not hasattr(corpus, "__iter__"):
+        raise TypeError(f"corpus={corpus!r} is not a corpus: pass a name ('wikitext', 'world'), a .txt/.jsonl path, "
+                        "or an iterable of strings")
+    texts = [t for t in itertools.islice(iter(corpus), n_samples)]
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"corpus must yield strings; it yielded {bad[0]}")
+    return texts
 
 
 def iter_corpus(corpus: str | Sequence[str] | os.PathLike, n_samples: int | None = None) -> Iterator[str]:
@@ -201,18 +224,19 @@ def second_moment(
     float64 CPU tensor (d_in × d_in); with ``return_info`` also a
     :class:`SecondMomentInfo` with the token count and condition number.
     """
-    from safetensors.torch import load_file, save_file
-
-    seq_len = seq_len or min(getattr(lm.tokenizer, "model_max_length", 1024) or 1024, 1024)
+    seq_len = seq_len or min(getattr(lm.tokenizer, "model_max_length", 1024) or 1024, 1024,
+                             lm.max_positions or 1024)
+    corpus = materialize_corpus(corpus, n_samples)
     path = _cache_path(lm, layer, corpus, n_samples, max_tokens, seq_len)
+    d_in = lm.d_in(layer)
     if cache and path.exists():
-        data = load_file(str(path))
-        info = SecondMomentInfo(**json.loads(path.with_suffix(".json").read_text()))
-        log.info("C0 for %s layer %d loaded from %s (%d tokens)", lm.name, layer, path, info.n_tokens)
-        return (data["C0"], info) if return_info else data["C0"]
+        cached = load_cached_c0(path, d_in)
+        if cached is not None:
+            C0, info = cached
+            log.info("C0 for %s layer %d loaded from %s (%d tokens)", lm.name, layer, path, info.n_tokens)
+            return (C0, info) if return_info else C0
 
     module = lm.edit_module(layer)
-    d_in = lm.d_in(layer)
     acc = torch.zeros(d_in, d_in, dtype=torch.float64, device=module.weight.device)
     n_tokens = 0
     texts = iter_corpus(corpus, n_samples)
@@ -237,6 +261,9 @@ def second_moment(
     if n_tokens == 0:
         raise CorpusUnavailableError(f"corpus {corpus_name(corpus)!r} produced no tokens; C0 cannot be estimated")
     C0 = (acc / n_tokens).cpu()
+    if not torch.isfinite(C0).all():
+        raise ValueError(f"C0 at layer {layer} of {lm.name} is not finite (NaN/inf keys): the model's weights or "
+                         "activations overflow; check the model (e.g. load it in float32) before editing")
     cond, lo = condition_number(C0)
     info = SecondMomentInfo(lm.name, layer, corpus_name(corpus), int(n_samples or 0), max_tokens, n_tokens, d_in,
                             cond, lo, str(path) if cache else None)
@@ -245,8 +272,54 @@ def second_moment(
                     n_tokens, d_in)
     log.info("C0 for %s layer %d: %d tokens, condition number %.3g", lm.name, layer, n_tokens, cond)
     if cache:
-        tmp = path.with_suffix(".tmp")
-        save_file({"C0": C0.contiguous()}, str(tmp))
-        path.with_suffix(".json").write_text(json.dumps(asdict(info)))
-        os.replace(tmp, path)
+        save_cached_c0(path, C0, info)
     return (C0, info) if return_info else C0
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().data).hexdigest()
+
+
+def save_cached_c0(path: Path, C0: torch.Tensor, info: SecondMomentInfo) -> None:
+    """Write C0 with its shape, dtype, sha256 and info in the file's metadata, atomically
+    (a unique temporary name, so concurrent writers never collide)."""
+    from safetensors.torch import save_file
+
+    C0 = C0.contiguous()
+    meta = {"info": json.dumps(asdict(info)), "sha256": _tensor_sha256(C0), "shape": json.dumps(list(C0.shape)),
+            "dtype": str(C0.dtype)}
+    tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    save_file({"C0": C0}, str(tmp), metadata=meta)
+    side = path.with_suffix(".json")
+    side_tmp = side.with_name(f".{side.name}.{tag}.tmp")
+    side_tmp.write_text(json.dumps(asdict(info)))
+    os.replace(side_tmp, side)
+    os.replace(tmp, path)
+
+
+def load_cached_c0(path: Path, d_in: int) -> tuple[torch.Tensor, SecondMomentInfo] | None:
+    """The cached C0 if the file is intact: a (d_in × d_in) float64 tensor whose bytes
+    match the sha256 it was saved with, finite. Otherwise None, with a warning naming
+    the file and why (the caller recomputes and overwrites it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as h:
+            meta = h.metadata() or {}
+            C0 = h.get_tensor("C0")
+        if "sha256" not in meta or "info" not in meta:
+            raise ValueError("no checksum in its metadata (written by an older editkit)")
+        if tuple(C0.shape) != (d_in, d_in):
+            raise ValueError(f"shape {tuple(C0.shape)} ≠ ({d_in}, {d_in})")
+        if C0.dtype != torch.float64:
+            raise ValueError(f"dtype {C0.dtype} ≠ torch.float64")
+        if _tensor_sha256(C0) != meta["sha256"]:
+            raise ValueError("its bytes do not match the sha256 it was saved with")
+        if not torch.isfinite(C0).all():
+            raise ValueError("it holds NaN/inf")
+        info = SecondMomentInfo(**json.loads(meta["info"]))
+    except Exception as exc:  # safetensors raises its own types for garbage, truncated or empty files
+        log.warning("cached C0 %s is unusable (%s: %s); recomputing it", path, type(exc).__name__, exc)
+        return None
+    return C0, info

@@ -63,7 +63,8 @@ def _prepare(lm: LanguageModel, prompt: str, subject: str, target: str):
         s0 = text.index(subject)
     full, target_span = with_target(text, target)
     try:
-        batch = tokenize_spans(lm.tokenizer, [full], [[(s0, s0 + len(subject)), target_span]])
+        batch = tokenize_spans(lm.tokenizer, [full], [[(s0, s0 + len(subject)), target_span]],
+                               max_positions=lm.max_positions)
     except RequestError as exc:
         raise ValueError(f"could not locate subject/target tokens in {full!r}: {exc}") from None
     subj, tgt = batch.spans[0]

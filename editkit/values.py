@@ -92,7 +92,7 @@ def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequenc
         spans.append([(s0, s0 + len(r.subject))])
         owner.append(i)
         kind.append(1)
-    batch = tokenize_spans(lm.tokenizer, texts, spans)
+    batch = tokenize_spans(lm.tokenizer, texts, spans, max_positions=lm.max_positions)
     # Flat index of every target token of the rewrite rows: (row, position that predicts it, token id).
     t_row, t_pos = [], []
     for row, k in enumerate(kind):

@@ -99,7 +99,7 @@ def target_nll(lm: LanguageModel, prompts: Sequence[str], target: str) -> list[f
         return []
     pairs = [with_target(p, target) for p in prompts]
     texts, spans = [t for t, _ in pairs], [[s] for _, s in pairs]
-    batch = tokenize_spans(lm.tokenizer, texts, spans).to(lm.device)
+    batch = tokenize_spans(lm.tokenizer, texts, spans, max_positions=lm.max_positions).to(lm.device)
     logp = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().log_softmax(-1)
     out = []
     for i, sp in enumerate(batch.spans):

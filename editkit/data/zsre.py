@@ -73,7 +73,7 @@ class ZsreRecord:
             raise RequestError(f"case_id={self.case_id!r}: 'alt' is empty ({self.alt!r}); the record has no "
                                "alternative answer. Pass skip_invalid=True to ek.load_zsre to drop such records")
         try:
-            self.prompt = EditRequest.from_filled(self.src, self.subject, self.alt, self.answers[0]).prompt
+            self.prompt = EditRequest.from_filled(self.src, self.subject, self.alt).prompt
         except RequestError as exc:
             raise RequestError(f"case_id={self.case_id!r}: {exc}") from None
 
@@ -81,8 +81,17 @@ class ZsreRecord:
     @property
     def request(self) -> EditRequest:
         """The edit on question ``src`` (subject as ``{}``): ``answers[0]`` under the ROME/MEMIT
-        definition (no target_true), ``alt`` against ``answers[0]`` under MEND's."""
-        return EditRequest(self.prompt, self.subject, self.target_new, self.target_true, case_id=self.case_id)
+        definition (no target_true), ``alt`` against ``answers[0]`` under MEND's (no target_true
+        when ``alt`` equals it)."""
+        return EditRequest(self.prompt, self.subject, self.target_new, self._request_true, case_id=self.case_id)
+
+    @property
+    def _request_true(self) -> str | None:
+        # zsRE's eval split has records whose ``alt`` *is* the true answer (10 of the 500 MEND
+        # records; the edit then reinforces it). EditRequest rejects target_new == target_true,
+        # so such a request carries no target_true; scoring still uses ``target_true``.
+        true = self.target_true
+        return None if true is not None and true.strip() == self.target_new.strip() else true
 
     @property
     def dataset(self) -> str:
