@@ -13,7 +13,8 @@ from .editors import (EMMET, MEMIT, METHODS, ROME, Edit, EditError, Editor, avai
                       preset_for, register)
 from .keys import context_prefixes, hidden_at_subject, keys
 from .metrics import evaluate, summarize
-from .models import ADAPTERS, Adapter, LanguageModel, ModelUnavailableError, UnknownArchitectureError, load_model
+from .models import (ADAPTERS, Adapter, LanguageModel, ModelSpec, ModelUnavailableError, UnknownArchitectureError,
+                     load_model)
 from .requests import EditRequest, RequestError
 from .solver import SingularSystemError, solve
 from .stats import CorpusUnavailableError, second_moment
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 # Submodules users reach as ek.experiments, ek.plots, ek.widgets (imported lazily: plots and
 # widgets pull in matplotlib/ipywidgets, which a headless editing job does not need).
-_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data"}
+_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster"}
 
 
 def __getattr__(name):

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .cluster import Unit, run_units
 from .editors import METHODS, Editor, make_editor
 from .hooks import restored_weights
 from .models import LanguageModel
@@ -491,11 +492,14 @@ def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
                 layers: Iterable[int] | None = None, n_edits: int | None = 100, *, preset: str | None = None,
                 editor_kwargs: dict | None = None, chunk: int = 25, eval_batch_size: int = 64,
                 trace: bool = False, run_dir: str | os.PathLike | None = None, root: str | os.PathLike = "runs",
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, cluster: Any = None) -> pd.DataFrame:
     """Each fact edited into the *unedited* model alone, scored, and restored exactly;
     for every layer and every method. Rows carry ``method``, ``layer``, ``phase``
     (``"pre"`` for the unedited baseline, ``"post"`` after the edit). With ``trace``,
-    causal-tracing importance per layer is added as ``phase="trace"`` rows."""
+    causal-tracing importance per layer is added as ``phase="trace"`` rows.
+
+    ``cluster`` (an :class:`editkit.cluster.Ray`, or ``"local:2"``, ``"ray://head:10001"``)
+    computes the (layer, chunk) units on its workers, into the same run store."""
     recs = _records(records, n_edits)
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     _positive(chunk=chunk, eval_batch_size=eval_batch_size)
@@ -506,32 +510,43 @@ def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
                   trace=trace, chunk=chunk, eval_batch_size=eval_batch_size)
     store = RunStore.open("layer_sweep", params, run_dir, root)
 
-    def pre(i: int):
-        return lambda: _evaluate(lm, recs[i:i + chunk], eval_batch_size, phase="pre", method="none", layer=-1)
-
-    def post(m: str, l: int, i: int):
-        def make() -> pd.DataFrame:
-            frames = []
-            for r in recs[i:i + chunk]:
-                with editors[(m, l)].applied(lm, [r], progress=False) as edit:
-                    frames.append(_evaluate(lm, [r], eval_batch_size, phase="post", method=m, layer=l,
-                                            delta_norm=edit.norms[l]["delta_norm"]))
-            return pd.concat(frames, ignore_index=True)
-        return make
-
-    def trace_unit() -> pd.DataFrame:
-        from .tracing import layer_importance
-
-        imp = layer_importance(lm, recs[: min(len(recs), 50)], progress=False)
-        imp["phase"] = "trace"
-        return imp
-
-    work = [(f"pre-{i:06d}", pre(i)) for i in range(0, len(recs), chunk)]
-    work += [(f"{m}-L{l:03d}-{i:06d}", post(m, l, i)) for (m, l) in editors for i in range(0, len(recs), chunk)]
+    starts = range(0, len(recs), chunk)
+    units = [Unit(f"pre-{i:06d}", _layer_pre, (recs[i:i + chunk], eval_batch_size),
+                  dict(phase="pre", records=f"{i}-{min(i + chunk, len(recs)) - 1}")) for i in starts]
+    units += [Unit(f"{m}-L{l:03d}-{i:06d}", _layer_post, (editors[(m, l)], m, l, recs[i:i + chunk], eval_batch_size),
+                   dict(method=m, layer=l, records=f"{i}-{min(i + chunk, len(recs)) - 1}"), group=("layer", l))
+              for (m, l) in editors for i in starts]
     if trace:
-        work.append(("trace", trace_unit))
-    store.run_units(work, desc="layer sweep", progress=progress)
+        units.append(Unit("trace", _layer_trace, (recs[: min(len(recs), 50)],), dict(phase="trace")))
+    run_units(store, lm, units, cluster, desc="layer sweep", progress=progress)
     return store.load()
+
+
+# The units of each study are module-level functions ``f(lm, store, *args)`` so that the
+# same code runs in this process or on a cluster worker (which has its own copy of lm).
+
+def _layer_pre(lm: LanguageModel, store: RunStore, recs: list, eval_batch_size: int, *,
+               on_output: Callable | None = None) -> pd.DataFrame:
+    return _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", layer=-1)
+
+
+def _layer_post(lm: LanguageModel, store: RunStore, editor: Editor, m: str, l: int, recs: list,
+                eval_batch_size: int, *, on_output: Callable | None = None) -> pd.DataFrame:
+    frames = []
+    for r in recs:
+        with editor.applied(lm, [r], progress=False) as edit:
+            frames.append(_evaluate(lm, [r], eval_batch_size, phase="post", method=m, layer=l,
+                                    delta_norm=edit.norms[l]["delta_norm"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _layer_trace(lm: LanguageModel, store: RunStore, recs: list, *,
+                 on_output: Callable | None = None) -> pd.DataFrame:
+    from .tracing import layer_importance
+
+    imp = layer_importance(lm, recs, progress=False)
+    imp["phase"] = "trace"
+    return imp
 
 
 # --- study 2: batch editing ----------------------------------------------------
@@ -540,10 +555,11 @@ def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
                 layer: int = 1, batch_sizes: Sequence[int] = (16, 64, 256), *, preset: str | None = None,
                 regs: dict[str, Sequence[float]] | None = None, editor_kwargs: dict | None = None,
                 eval_batch_size: int = 64, run_dir: str | os.PathLike | None = None,
-                root: str | os.PathLike = "runs", progress: bool = True) -> pd.DataFrame:
+                root: str | os.PathLike = "runs", progress: bool = True, cluster: Any = None) -> pd.DataFrame:
     """One batch of each size edited into the unedited model and scored (the first
     ``batch_size`` records, so batches are nested). ``regs`` optionally sweeps λ
-    (``{"MEMIT": [1e3, 1e4], "EMMET": [0.01, 0.1]}``); the value is in column ``reg``."""
+    (``{"MEMIT": [1e3, 1e4], "EMMET": [0.01, 0.1]}``); the value is in column ``reg``.
+    ``cluster`` computes the batches on its workers (see :func:`layer_sweep`)."""
     batch_sizes = list(batch_sizes)
     if not batch_sizes:
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. batch_sizes=[16, 64]")
@@ -563,21 +579,26 @@ def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
                   eval_batch_size=eval_batch_size, grid=[(m, reg, bs, ed) for m, reg, bs, ed in grid])
     store = RunStore.open("batch_sweep", params, run_dir, root)
 
-    def edited(m: str, reg: float, bs: int, ed: Editor):
-        def make() -> pd.DataFrame:
-            part = recs[:bs]
-            t0 = time.perf_counter()
-            with ed.applied(lm, part, progress=False) as edit:
-                t_edit = time.perf_counter() - t0
-                return _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
-                                 delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
-        return make
-
-    work = [("pre", lambda: _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0,
-                                      reg=0.0))]
-    work += [(f"{m}-reg{unit_float(reg)}-bs{bs:06d}", edited(m, reg, bs, ed)) for m, reg, bs, ed in grid]
-    store.run_units(work, desc="batch sweep", progress=progress)
+    units = [Unit("pre", _batch_pre, (recs, eval_batch_size), dict(phase="pre"))]
+    units += [Unit(f"{m}-reg{unit_float(reg)}-bs{bs:06d}", _batch_post, (ed, m, reg, bs, layer, recs[:bs],
+                                                                      eval_batch_size),
+                   dict(method=m, reg=reg, batch_size=bs)) for m, reg, bs, ed in grid]
+    run_units(store, lm, units, cluster, desc="batch sweep", progress=progress)
     return store.load()
+
+
+def _batch_pre(lm: LanguageModel, store: RunStore, recs: list, eval_batch_size: int, *,
+               on_output: Callable | None = None) -> pd.DataFrame:
+    return _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0, reg=0.0)
+
+
+def _batch_post(lm: LanguageModel, store: RunStore, ed: Editor, m: str, reg: float, bs: int, layer: int,
+                part: list, eval_batch_size: int, *, on_output: Callable | None = None) -> pd.DataFrame:
+    t0 = time.perf_counter()
+    with ed.applied(lm, part, progress=False) as edit:
+        t_edit = time.perf_counter() - t0
+        return _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
+                         delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
 
 
 # --- study 3: sequential-batched editing ------------------------------------
@@ -587,7 +608,7 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
                        checkpoints: Sequence[int] | None = None, heldout: Sequence[str] | None = None,
                        preset: str | None = None, editor_kwargs: dict | None = None, eval_batch_size: int = 64,
                        run_dir: str | os.PathLike | None = None, root: str | os.PathLike = "runs",
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True, cluster: Any = None) -> pd.DataFrame:
     """Batches applied one after another to the *same* model (``total_edits`` facts
     as ``total_edits / batch_size`` batches). After each batch: that batch's scores
     (``phase="batch"``), the update norms and held-out perplexity (``phase="probe"``);
@@ -596,6 +617,8 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
 
     The accumulated weight change is saved after every batch, so an interrupted run
     resumes from its last finished batch. The model is restored exactly at the end.
+    A sequence is serial by nature; ``cluster`` runs the independent sequences (method ×
+    batch size) on its workers (see :func:`layer_sweep`).
     """
     recs = _records(records, total_edits)
     batch_sizes = list(batch_sizes)
@@ -612,77 +635,79 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
                   checkpoints=list(checkpoints), preset=preset, editors=editors, eval_batch_size=eval_batch_size,
                   heldout=hashlib.sha256("\x00".join(heldout or []).encode()).hexdigest())
     store = RunStore.open("sequential_batched", params, run_dir, root)
-    module = lm.edit_module(layer)
-
-    def pre_unit() -> pd.DataFrame:
-        pre = _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0, batch=-1, edits_so_far=0)
-        W = lm.weight(layer).detach().double()
-        probe = dict(phase="probe", method="none", batch_size=0, batch=-1, edits_so_far=0, update_norm=0.0,
-                     weight_norm=W.norm().item())
-        if heldout:
-            probe["perplexity"] = perplexity(lm, heldout)
-        return pd.concat([pre, pd.DataFrame([probe])], ignore_index=True)
-
-    store.run_units([("pre", pre_unit)], desc="sequential-batched (pre)", progress=progress)
-    total_steps = sum(total_edits // bs for bs in batch_sizes) * len(editors)
-    bar = tqdm(total=total_steps, desc="sequential-batched", unit="batch", disable=not progress)
-
-    def unit_name(m: str, bs: int, b: int) -> str:
-        return f"{m}-bs{bs:06d}-b{b:06d}"
-
-    def sequence(m: str, editor: Editor, bs: int):
-        n_batches = total_edits // bs
-        state_name = f"state-{m}-bs{bs:06d}"
-
-        def done() -> bool:
-            return all(store.is_done(unit_name(m, bs, b)) for b in range(n_batches))
-
-        def do() -> None:
-            with restored_weights([module]):
-                W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
-                editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
-                start = 0
-                saved = store.load_state(state_name)
-                if saved is not None:
-                    tensors, meta = saved
-                    start = int(meta["next_batch"])
-                    broken = [b for b in range(start) if not store.is_done(unit_name(m, bs, b))]
-                    if broken:  # an earlier batch's file is gone or corrupt: only a full rerun can redo it
-                        log.warning("%s bs=%d: unit(s) %s of %s are missing or corrupt; restarting the sequence",
-                                    m, bs, [unit_name(m, bs, b) for b in broken[:3]], store.path)
-                        start = 0
-                    else:
-                        with torch.no_grad():
-                            module.weight.copy_(tensors["weight"].to(module.weight))
-                        log.info("%s bs=%d: resuming after batch %d", m, bs, start)
-                bar.update(start)
-                for b in range(start, n_batches):
-                    part = recs[b * bs:(b + 1) * bs]
-                    done_edits = (b + 1) * bs
-                    cols = dict(method=m, batch_size=bs, batch=b, edits_so_far=done_edits)
-                    t0 = time.perf_counter()
-                    edit = editor.apply(lm, part, progress=False)
-                    t_edit = time.perf_counter() - t0
-                    edit.commit()  # kept applied: the sequence continues on this model
-                    frames = [_evaluate(lm, part, eval_batch_size, phase="batch", **cols)]
-                    if done_edits in checkpoints:
-                        frames.append(_evaluate(lm, recs[:done_edits], eval_batch_size, phase="all", **cols))
-                    W = lm.weight(layer).detach().double()
-                    probe = dict(phase="probe", **cols, update_norm=(W - W0).norm().item(),
-                                 weight_norm=W.norm().item(), batch_delta_norm=edit.norms[layer]["delta_norm"],
-                                 edit_seconds=t_edit)
-                    if heldout:
-                        probe["perplexity"] = perplexity(lm, heldout)
-                    frames.append(pd.DataFrame([probe]))
-                    # Unit, then state: a crash in between redoes batch b from the state before it
-                    # and atomically overwrites the same unit file, so no row is lost or duplicated.
-                    store.write(unit_name(m, bs, b), pd.concat(frames, ignore_index=True))
-                    store.save_state(state_name, {"weight": module.weight.detach()}, {"next_batch": b + 1})
-                    bar.update(1)
-
-        return f"seq-{m}-bs{bs:06d}", done, do
-
-    store.run_jobs([sequence(m, e, bs) for m, e in editors.items() for bs in batch_sizes],
-                   desc="sequential-batched", progress=False)
-    bar.close()
+    units = [Unit("pre", _sequence_pre, (recs, layer, heldout, eval_batch_size), dict(phase="pre"))]
+    units += [Unit(f"seq-{m}-bs{bs:06d}", _sequence, (e, m, bs, layer, recs, list(checkpoints), heldout,
+                                                      eval_batch_size, progress and cluster is None),
+                   dict(method=m, batch_size=bs), outputs=tuple(_seq_unit(m, bs, b) for b in range(total_edits // bs)))
+              for m, e in editors.items() for bs in batch_sizes]
+    run_units(store, lm, units, cluster, desc="sequential-batched", progress=progress)
     return store.load()
+
+
+def _seq_unit(m: str, bs: int, b: int) -> str:
+    return f"{m}-bs{bs:06d}-b{b:06d}"
+
+
+def _sequence_pre(lm: LanguageModel, store: RunStore, recs: list, layer: int, heldout: Sequence[str] | None,
+                  eval_batch_size: int, *, on_output: Callable | None = None) -> pd.DataFrame:
+    pre = _evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0, batch=-1, edits_so_far=0)
+    W = lm.weight(layer).detach().double()
+    probe = dict(phase="probe", method="none", batch_size=0, batch=-1, edits_so_far=0, update_norm=0.0,
+                 weight_norm=W.norm().item())
+    if heldout:
+        probe["perplexity"] = perplexity(lm, heldout)
+    return pd.concat([pre, pd.DataFrame([probe])], ignore_index=True)
+
+
+def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: int, layer: int, recs: list,
+              checkpoints: list[int], heldout: Sequence[str] | None, eval_batch_size: int, progress: bool, *,
+              on_output: Callable | None = None) -> None:
+    """One sequence (method × batch size): its batches applied one after another, each
+    batch's unit written as it finishes, and the accumulated weight saved after it, so
+    an interrupted sequence resumes after its last finished batch (here or elsewhere)."""
+    module = lm.edit_module(layer)
+    n_batches = len(recs) // bs
+    state_name = f"state-{m}-bs{bs:06d}"
+    tick = on_output or (lambda: None)
+    with restored_weights([module]):
+        W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
+        editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
+        start = 0
+        saved = store.load_state(state_name)
+        if saved is not None:
+            tensors, meta = saved
+            start = int(meta["next_batch"])
+            broken = [b for b in range(start) if not store.is_done(_seq_unit(m, bs, b))]
+            if broken:  # an earlier batch's file is gone or corrupt: only a full rerun can redo it
+                log.warning("%s bs=%d: unit(s) %s of %s are missing or corrupt; restarting the sequence",
+                            m, bs, [_seq_unit(m, bs, b) for b in broken[:3]], store.path)
+                start = 0
+            else:
+                with torch.no_grad():
+                    module.weight.copy_(tensors["weight"].to(module.weight))
+                log.info("%s bs=%d: resuming after batch %d", m, bs, start)
+        for _ in range(start):
+            tick()
+        for b in range(start, n_batches):
+            part = recs[b * bs:(b + 1) * bs]
+            done_edits = (b + 1) * bs
+            cols = dict(method=m, batch_size=bs, batch=b, edits_so_far=done_edits)
+            t0 = time.perf_counter()
+            edit = editor.apply(lm, part, progress=False)
+            t_edit = time.perf_counter() - t0
+            edit.commit()  # kept applied: the sequence continues on this model
+            frames = [_evaluate(lm, part, eval_batch_size, phase="batch", **cols)]
+            if done_edits in checkpoints:
+                frames.append(_evaluate(lm, recs[:done_edits], eval_batch_size, phase="all", **cols))
+            W = lm.weight(layer).detach().double()
+            probe = dict(phase="probe", **cols, update_norm=(W - W0).norm().item(),
+                         weight_norm=W.norm().item(), batch_delta_norm=edit.norms[layer]["delta_norm"],
+                         edit_seconds=t_edit)
+            if heldout:
+                probe["perplexity"] = perplexity(lm, heldout)
+            frames.append(pd.DataFrame([probe]))
+            # Unit, then state: a crash in between redoes batch b from the state before it
+            # and atomically overwrites the same unit file, so no row is lost or duplicated.
+            store.write(_seq_unit(m, bs, b), pd.concat(frames, ignore_index=True))
+            store.save_state(state_name, {"weight": module.weight.detach()}, {"next_batch": b + 1})
+            tick()

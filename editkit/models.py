@@ -29,6 +29,7 @@ __all__ = [
     "ModelUnavailableError",
     "load_model",
     "resolve_dtype",
+    "ModelSpec",
 ]
 
 
@@ -110,6 +111,35 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}") from None
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model again in another process or on another host: a name or
+    path (or an importable ``"module:function"`` factory), dtype and device, never the
+    weights. Distributed runners send this to each worker, which loads the model once
+    with :func:`load_model` from its own disk or Hub cache; nothing is unpickled from a
+    file, and the worker checks the loaded weights against the driver's fingerprint.
+    """
+
+    source: str
+    dtype: str | None = None
+    device: str | None = None  # None: the worker's default (its GPU when it has one, else CPU)
+    kwargs: tuple[tuple[str, Any], ...] = ()  # extra keyword arguments, as sorted (name, value) pairs
+    factory: bool = False  # ``source`` is "module:function" returning a LanguageModel
+
+    def load(self, device: str | None = None) -> "LanguageModel":
+        """The model, loaded in this process (``device`` overrides the spec's)."""
+        kw = dict(self.kwargs)
+        if self.factory:
+            import importlib
+
+            mod, _, fn = self.source.partition(":")
+            lm = getattr(importlib.import_module(mod), fn)(**kw)
+            if device or self.device:
+                lm.model.to(device or self.device)
+            return lm
+        return load_model(self.source, device=device or self.device, dtype=self.dtype, **kw)
+
+
 @dataclass
 class LanguageModel:
     """A causal LM, its fast tokenizer and its adapter.
@@ -124,6 +154,7 @@ class LanguageModel:
     name: str = "model"
     cache: dict = field(default_factory=dict, repr=False)
     edits: list = field(default_factory=list, repr=False)
+    spec: ModelSpec | None = field(default=None, repr=False)  # how a worker loads this model again (cluster)
 
     def __post_init__(self) -> None:
         if self.adapter is None:
@@ -351,4 +382,8 @@ def load_model(
         ) from exc
     if device_map is None and device is not None:
         model.to(device)
-    return LanguageModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name)
+    spec_kw = dict(kwargs, **({"device_map": device_map} if device_map is not None else {}),
+                   **({"trust_remote_code": True} if trust_remote_code else {}))
+    spec = ModelSpec(source=name, dtype=None if torch_dtype is None else str(torch_dtype).removeprefix("torch."),
+                     kwargs=tuple(sorted(spec_kw.items())))
+    return LanguageModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, spec=spec)

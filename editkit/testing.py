@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import LanguageModel
+from .models import LanguageModel, ModelSpec
 from .world.tokenizer import train_tokenizer
 
 __all__ = ["tiny_lm", "TINY_TEXT", "ARCHS"]
@@ -59,4 +59,8 @@ def tiny_lm(arch: str = "gpt2", style: str | None = None, n_layer: int = 3, d: i
     torch.manual_seed(seed)
     config = _config(arch, len(tokenizer), n_layer, d, tokenizer)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    return LanguageModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}-{style}-{n_layer}x{d}-s{seed}")
+    spec = ModelSpec("editkit.testing:tiny_lm", factory=True,
+                     kwargs=tuple(sorted(dict(arch=arch, style=style, n_layer=n_layer, d=d, seed=seed,
+                                              dtype=dtype).items())))
+    return LanguageModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}-{style}-{n_layer}x{d}-s{seed}",
+                         spec=spec)
