@@ -554,6 +554,9 @@ class Ray:
                                        "keeps the finished ones: run again to resume, serially or distributed)")
         finally:
             bar.close()  # on Ctrl-C, units running on workers still finish and land in the store
+        if pending and not errors:
+            raise ClusterError(f"no worker is left; {len(pending)} unit(s) left undone (the run store keeps the "
+                               "finished ones: run again to resume, serially or distributed)")
         if errors:
             if len(errors) > 1:
                 log.error("%d units failed; the first is raised, the others: %s", len(errors),
