@@ -19,11 +19,14 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # this checkout's editkit (the workers get the same path)
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -31,8 +34,6 @@ import torch  # noqa: E402
 import editkit as ek  # noqa: E402
 from editkit import cluster as ekc  # noqa: E402
 from editkit import experiments  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 
 
 def sweep(lm, records, args, run_dir: Path, cluster=None) -> tuple[float, pd.DataFrame]:
@@ -66,7 +67,7 @@ def main() -> None:
     records = ek.load_counterfact("world", n=args.n_edits, seed=0, unique_subjects=True)
     # C0 of every layer into the disk cache first, so no configuration pays for it
     for l in args.layers:
-        ek.MEMIT.preset(args.preset, layers=[l])._C0(lm, l, False)
+        ek.MEMIT.preset(args.preset, layers=[l]).second_moment(lm, l, False)
     tmp = Path(tempfile.mkdtemp(prefix="ek-cluster-bench-"))
     result: dict = {"model": args.model, "preset": args.preset, "methods": args.methods, "layers": args.layers,
                     "n_edits": args.n_edits, "chunk": args.chunk, "cpus": os.cpu_count(),
