@@ -83,6 +83,12 @@ def test_layer_and_batch_sweep_match_the_serial_run(lm, records, serial_layer, l
     assert len(workers) == 2 and all(w["pid"] != os.getpid() for w in workers)
     assert os.path.samefile(workers[0]["editkit"], ek.__file__)  # the workers run this checkout
     assert local_ray.stats["done"] == 2 * 2 * 6 + 6 and len(local_ray.stats["by_worker"]) == 2
+    # an interrupted distributed run (three units never written) resumes serially to the same rows
+    for name in ("MEMIT-L001-000002", "ROME-L000-000005", "pre-000003"):
+        for f in (tmp_path / "layer" / "units").glob(f"{name}.*"):
+            f.unlink()
+    resumed = experiments.layer_sweep(lm, records, run_dir=tmp_path / "layer", progress=False, **LAYER_ARGS)
+    _same_rows(serial_layer, resumed, KEY)
 
     kw = dict(methods=["MEMIT", "EMMET"], layer=1, batch_sizes=[2, 4], editor_kwargs=FAST, progress=False)
     serial = experiments.batch_sweep(lm, records, run_dir=tmp_path / "b-serial", **kw)
