@@ -1,0 +1,97 @@
+"""The cached-factor solve (push-through identity on a Cholesky factor of C0) against
+the direct solve and against the equations themselves."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import editkit as ek
+from editkit.solver import C0Factor, c0_checksum, least_squares_delta
+
+
+def _system(d: int = 96, E: int = 12, d_out: int = 40, cond: float = 1e6, seed: int = 0):
+    """C0 with a wide spectrum (condition number ≈ ``cond``), keys correlated with it."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    ev = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), d, dtype=torch.float64)
+    C0 = (Q * ev) @ Q.T
+    C0 = (C0 + C0.T) / 2
+    K = Q @ (ev.sqrt()[:, None] * torch.randn(d, E, generator=g, dtype=torch.float64)) + 0.01 * torch.randn(
+        d, E, generator=g, dtype=torch.float64)
+    R = torch.randn(d_out, E, generator=g, dtype=torch.float64)
+    return C0, K, R
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("E", [1, 12, 64])
+@pytest.mark.parametrize("constraint, reg", [("least_squares", 0.5), ("least_squares", 1e4), ("equality", 0.0),
+                                             ("equality", 0.1)])
+def test_cached_factor_and_direct_give_the_same_delta(constraint, reg, E):
+    C0, K, R = _system(E=E)
+    F = C0Factor.of(C0)
+    cached = ek.solve(K, R, F, constraint, reg)
+    direct = ek.solve(K, R, C0, constraint, reg, path="direct")
+    assert cached.path == "cached" and direct.path == "direct"
+    assert _rel(cached.delta, direct.delta) < 1e-6
+    assert torch.equal(ek.solve(K, R, C0, constraint, reg).delta, cached.delta)  # a tensor: factorized on the fly
+
+
+def test_cached_least_squares_satisfies_the_normal_equations():
+    """Δ(λC0 + KKᵀ) = R Kᵀ: the push-through solution is MEMIT's minimizer, not just close to the direct one."""
+    C0, K, R = _system(E=20)
+    lam = 3.0
+    delta = ek.solve(K, R, C0Factor.of(C0), "least_squares", lam).delta
+    lhs, rhs = delta @ (lam * C0 + K @ K.T), R @ K.T
+    assert _rel(lhs, rhs) < 1e-8
+
+
+def test_cached_equality_meets_every_constraint():
+    C0, K, R = _system(E=30)
+    delta = ek.solve(K, R, C0Factor.of(C0), "equality", 0.0).delta
+    assert _rel(delta @ K, R) < 1e-8
+
+
+def test_direct_least_squares_takes_E_right_hand_sides():
+    """The direct path solves against K (E columns), giving the textbook R Kᵀ A⁻¹."""
+    C0, K, R = _system(d=32, E=5, d_out=7, cond=1e3)
+    lam = 2.0
+    textbook = R @ K.T @ torch.linalg.inv(lam * C0 + K @ K.T)
+    assert _rel(least_squares_delta(K, R, C0, lam).delta, textbook) < 1e-10
+
+
+def test_factor_reuse_offload_and_errors(tmp_path):
+    C0, K, R = _system(E=8)
+    F = C0Factor.of(C0, checksum=True)
+    assert F.checksum == c0_checksum(C0) and F.d_in == C0.shape[0]
+    # a factor saved with its C0's checksum is found again only for that C0
+    F.save(tmp_path / "f.safetensors")
+    G = C0Factor.load(tmp_path / "f.safetensors", checksum=c0_checksum(C0))
+    assert G is not None and torch.equal(G.L, F.L) and G.checksum == F.checksum
+    C1 = C0.clone()
+    C1[0, 0] += 1e-9
+    assert C0Factor.load(tmp_path / "f.safetensors", checksum=c0_checksum(C1)) is None
+    # the float32 factor (the offload option): same Δ to float32 accuracy, returned in its dtype
+    lo = ek.solve(K, R, F.to(dtype=torch.float32), "least_squares", 10.0)
+    hi = ek.solve(K, R, F, "least_squares", 10.0)
+    assert lo.delta.dtype == torch.float32 and _rel(lo.delta.double(), hi.delta) < 1e-2
+    with pytest.raises(ValueError, match="direct"):
+        ek.solve(K, R, F, "least_squares", 1.0, path="direct")
+    with pytest.raises(ValueError, match="path"):
+        ek.solve(K, R, C0, "least_squares", 1.0, path="fast")
+    # a per-layer product built once (the slot AlphaEdit's projector will use)
+    calls = []
+    P1 = F.derive("projector", lambda f: calls.append(1) or torch.eye(f.d_in, dtype=f.dtype))
+    P2 = F.derive("projector", lambda f: calls.append(1) or torch.zeros(1))
+    assert P1 is P2 and calls == [1]
+
+
+def test_singular_c0_is_refused_with_the_ridge_hint():
+    C0, K, R = _system(d=16, E=2, cond=10)
+    C0[3, :] = C0[:, 3] = 0.0
+    with pytest.raises(ek.SingularSystemError, match="c0_ridge"):
+        C0Factor.of(C0)
+    F = C0Factor.of(C0, ridge_eps=1e-6)
+    assert torch.isfinite(ek.solve(K, R, F, "least_squares", 1.0).delta).all()
