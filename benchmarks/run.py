@@ -56,9 +56,13 @@ log = logging.getLogger("editkit.bench")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # measure the checkout this script lives in, not another installed editkit
+    sys.path.insert(0, str(ROOT))
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
-SECTIONS = ("values", "scoring", "covariance", "precompute", "e2e")
+SECTIONS = ("values", "scoring", "covariance", "precompute", "e2e", "paper")
+#: Sections that bring their own model (the world / tiny model is not loaded for them alone).
+OWN_MODEL = ("paper",)
 METRICS = ("ES", "PS", "NS", "S")
 
 
@@ -83,6 +87,7 @@ class Settings:
     precompute_facts: int
     e2e_facts: int
     e2e_repeats: int = 1
+    paper_steps: list[str] | None = None  # benchmarks/paper.py plan steps to run (default all)
     seed: int = 0
     device: str = "cpu"
 
@@ -755,9 +760,22 @@ def bench_e2e(ctx: Context) -> None:
                   "the edited facts" + ("" if have_metrics() else "; scores skipped: editkit.metrics not available"))
 
 
+def bench_paper(ctx: Context) -> None:
+    """Llama-3-8B widths (benchmarks/paper.py): C0 streaming, values, cached-factor vs direct solves, e2e."""
+    sys.path.insert(0, str(HERE))
+    from paper import PaperSettings
+    from paper import bench_paper as run_paper
+
+    ps = PaperSettings.quick() if ctx.settings.mode == "quick" else PaperSettings()
+    ps.seed = ctx.settings.seed
+    ps.threads = torch.get_num_threads()
+    ps.steps = ctx.settings.paper_steps
+    run_paper(ps, ctx.add)
+
+
 BENCHES: dict[str, Callable[[Context], None]] = {"values": bench_values, "scoring": bench_scoring,
                                                   "covariance": bench_covariance, "precompute": bench_precompute,
-                                                  "e2e": bench_e2e}
+                                                  "e2e": bench_e2e, "paper": bench_paper}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -857,9 +875,14 @@ def update_readme(table: str, readme: Path = ROOT / "README.md", start: str = RE
     return True
 
 
+def _section_group(section: str) -> str:
+    """The --only name a section belongs to ("paper solve" → "paper")."""
+    return section.split(" ")[0]
+
+
 def write_outputs(entries: list[dict], machine: dict, out: Path, md: Path) -> str:
     for e in entries:
-        e["machine"] = machine
+        e.setdefault("machine", machine)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(entries, indent=1, default=str) + "\n")
@@ -881,9 +904,13 @@ def run(settings: Settings, sections: Sequence[str] = SECTIONS) -> tuple[list[di
     machine.update(mode=settings.mode, load_start=load_average(),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     log.info("machine: %s", machine)
-    lm = load_lm(settings.model, settings.device)
-    n_rec = max([settings.n_score, settings.e2e_facts, settings.precompute_facts, max(settings.value_sizes)])
-    ctx = Context(settings, lm, make_editor(lm, settings), load_records(settings, n_rec), load_corpus(settings.corpus))
+    if all(name in OWN_MODEL for name in sections):
+        ctx = Context(settings, None, None, [], [])
+    else:
+        lm = load_lm(settings.model, settings.device)
+        n_rec = max([settings.n_score, settings.e2e_facts, settings.precompute_facts, max(settings.value_sizes)])
+        ctx = Context(settings, lm, make_editor(lm, settings), load_records(settings, n_rec),
+                      load_corpus(settings.corpus))
     for name in tqdm(list(sections), desc="benchmarks"):
         t0 = time.perf_counter()
         BENCHES[name](ctx)
@@ -903,6 +930,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="update README's Performance section (default: on for a full run, off for --quick)")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the entries already in --out that this run does not produce again (by name)")
+    ap.add_argument("--paper-steps", nargs="+", help="paper section: only the steps whose name starts with these "
+                                                     "(e.g. 'solve MEMIT 14336', 'values', 'e2e')")
     ap.add_argument("--model", help="model to benchmark (default world-gpt2; quick: tiny-gpt2)")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -919,9 +950,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     if a.worker:
-        print(json.dumps(cov_worker(json.loads(a.worker))))
+        args = json.loads(a.worker)
+        if "paper" in args:
+            sys.path.insert(0, str(HERE))
+            from paper import WORKERS
+
+            print(json.dumps(WORKERS[args.pop("paper")](args)))
+        else:
+            print(json.dumps(cov_worker(args)))
         return 0
-    over: dict[str, Any] = {"seed": a.seed, "device": a.device}
+    over: dict[str, Any] = {"seed": a.seed, "device": a.device, "paper_steps": a.paper_steps}
     if a.model:
         over["model"] = a.model
         if a.model.startswith("tiny-"):
@@ -935,7 +973,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "noisy (consider --threads 1, or rerun on a quiet machine)", load, os.cpu_count())
     out = a.out or (HERE / ".cache" / "results-quick.json" if a.quick else HERE / "results.json")
     md = a.md or out.with_name("RESULTS-quick.md" if a.quick else "RESULTS.md")
-    entries, machine = run(settings, a.only or SECTIONS)
+    sections = a.only or SECTIONS
+    entries, machine = run(settings, sections)
+    for e in entries:
+        e["machine"] = machine
+    if a.merge and out.exists():
+        new = {e["name"] for e in entries}
+        kept = [e for e in json.loads(out.read_text()) if e["name"] not in new
+                and (a.paper_steps or _section_group(e["section"]) not in sections)]
+        entries = kept + entries
+        machine = kept[0]["machine"] if kept else machine
     table = write_outputs(entries, machine, out, md)
     print(table)
     if a.readme if a.readme is not None else not a.quick:
