@@ -53,7 +53,7 @@ class PaperSettings:
     mode: str = "full"
     dims: dict = field(default_factory=lambda: dict(LLAMA3_8B))
     n_layer: int = 2
-    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    dtypes: list[str] = field(default_factory=lambda: ["bfloat16", "float32"])
     cov_tokens: list[int] = field(default_factory=lambda: [512])
     cov_seq: int = 128
     value_sizes: list[int] = field(default_factory=lambda: [1, 16, 64])
@@ -62,10 +62,11 @@ class PaperSettings:
     n_prefixes: int = 1
     widths: dict = field(default_factory=lambda: dict(WIDTHS))
     solve_sizes: list[int] = field(default_factory=lambda: [1, 16, 64, 256, 1024, 4096])
-    # Left out to keep the run near 25 minutes on 2 cores: EMMET's direct path (= a fresh C0 factorization
-    # plus the cached solve, both measured) except at these E, and E above width_max_E at the smaller widths.
-    direct_emmet_sizes: list[int] = field(default_factory=lambda: [1, 1024])
-    width_max_E: int = 1024
+    # The direct path costs a d_in³/3 factorization per batch (a minute of CPU at d_in = 14 336), so it runs
+    # at these E only (EMMET's direct path is a fresh C0 factorization plus the cached solve, both measured),
+    # and the smaller widths at width_sizes only: the full run stays near 25 minutes of CPU time.
+    direct_sizes: dict = field(default_factory=lambda: {"MEMIT": [1, 16, 64, 4096], "EMMET": [1, 64]})
+    width_sizes: list[int] = field(default_factory=lambda: [16, 1024])
     steps: list[str] | None = None  # run only the plan steps whose name starts with one of these
     c0_keys: int = 1024  # random keys behind the synthetic C0
     lam: float = 15000.0  # MEMIT's mom2_update_weight for Llama-3-8B presets
@@ -81,8 +82,9 @@ class PaperSettings:
         dims = dict(LLAMA3_8B, hidden_size=64, intermediate_size=224, vocab_size=2048, num_attention_heads=4,
                     num_key_value_heads=1)
         return cls(mode="quick", dims=dims, cov_tokens=[128], cov_seq=32, value_sizes=[1, 4], value_loop_cap=2,
-                   widths={"world": 64, "small": 128, "paper-quick": 224}, solve_sizes=[1, 4, 16, 64],
-                   direct_emmet_sizes=[1, 16], width_max_E=16, c0_keys=128, e2e_facts=8, fresh_process=False)
+                   widths={"world": 64, "paper-quick": 224}, solve_sizes=[1, 16, 64],
+                   direct_sizes={"MEMIT": [1, 16, 64], "EMMET": [1]}, width_sizes=[16], c0_keys=128, e2e_facts=8,
+                   fresh_process=False)
 
     @property
     def d_in(self) -> int:
@@ -176,16 +178,18 @@ def _reset_peak() -> bool:
 
 
 def measured(fn: Callable[[], Any]) -> tuple[Any, dict]:
-    """Run ``fn``; seconds, RSS before, peak RSS during (VmHWM reset just before)."""
+    """Run ``fn``: wall seconds, CPU seconds of this process, RSS before, peak RSS during (VmHWM reset
+    just before). On a shared machine the CPU seconds of a one-thread process are what the wall time
+    would be on an idle one; ``s`` is that figure (``wall_s`` is kept beside it)."""
     gc.collect()
     before = _rss_mb("VmRSS")
     exact = _reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _rss_mb("VmHWM")
-    return out, {"s": dt, "rss_before_mb": before, "peak_rss_mb": peak, "peak_rss_delta_mb": peak - before,
-                 "rss_peak_exact": exact}
+    return out, {"s": cpu if torch.get_num_threads() == 1 else dt, "wall_s": dt, "cpu_s": cpu, "rss_before_mb": before,
+                 "peak_rss_mb": peak, "peak_rss_delta_mb": peak - before, "rss_peak_exact": exact}
 
 
 def cache_root() -> Path:
@@ -203,8 +207,7 @@ def c0_file(d: int, n_keys: int, seed: int) -> Path:
     path = cache_root() / f"C0-{d}-{n_keys}-s{seed}.safetensors"
     if not path.exists():
         C = synthetic_C0(d, n_keys, seed)
-        _, m = measured(lambda: C0Factor.of(C))
-        F = C0Factor.of(C)
+        F, m = measured(lambda: C0Factor.of(C))
         save_file({"C0": C.contiguous(), "L": F.L.contiguous()}, str(path), metadata={"factor_s": repr(m["s"]), "cond": repr(F.cond)})
     return path
 
@@ -227,7 +230,7 @@ def solve_worker(a: dict) -> dict:
     reg = a["lam"] if a["method"] == "MEMIT" else a["lam_e"]
     C0 = C0Factor(M) if a["path"] == "cached" else M
     sol, m = measured(lambda: solve(K, R, C0, constraint, reg, path=a["path"]))
-    out = {**m, "cond": sol.cond, "factor_s": float(meta.get("factor_s", "nan")), "c0_cond": float(meta.get("cond", "nan")),
+    out = {**m, "cond": sol.cond, "c0_cond": float(meta.get("cond", "nan")),
            "delta_norm": sol.delta.norm().item()}
     if a.get("save_delta"):
         save_file({"delta": sol.delta.contiguous()}, a["save_delta"])
@@ -357,7 +360,7 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
     # --- solves: the d_in = 14 336 small-E comparison first (the target), then the rest
     def solve_pair(width_name: str, d: int, method: str, E: int) -> None:
         f = str(c0_file(d, min(s.c0_keys, d), s.seed))
-        skip_direct = method == "EMMET" and E not in s.direct_emmet_sizes
+        skip_direct = E not in s.direct_sizes[method]
         if method == "EMMET" and E > d:
             return  # more equality constraints than dimensions: infeasible
         res, paths = {}, ["cached"] + ([] if skip_direct else ["direct"])
@@ -384,12 +387,12 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
              "reg": s.lam if method == "MEMIT" else s.lam_e},
             {"path": "cached factor", **o, "rel_delta_diff": rel}, ({"path": "direct", **b} if b else None), ratio,
             "s", 1, ratio_means="direct seconds ÷ cached-factor seconds", target=target, met=met,
-            notes=("cached factor: C0 = LLᵀ factorized once (factor_s, not counted: amortized over every batch "
-                   "at the layer); per batch W = L⁻¹K, (WᵀW + ρI) E×E, Y = L⁻ᵀW, Δ = R(WᵀW + ρI)⁻¹Yᵀ. direct: "
+            notes=("cached factor: C0 = LLᵀ factorized once (not counted: amortized over every batch at the layer; "
+                   "it costs what the direct EMMET solve at E=1 costs); per batch W = L⁻¹K, (WᵀW + ρI) E×E, Y = L⁻ᵀW, Δ = R(WᵀW + ρI)⁻¹Yᵀ. direct: "
                    + ("Cholesky of λC0 + KKᵀ per batch" if method == "MEMIT" else "Cholesky of C0 per batch")
                    + "; each side in a fresh process, peak = VmHWM; synthetic C0 (cond ≈ c0_cond)"
-                   + ("; direct EMMET run only at E in %s (it is the C0 factorization plus the cached solve)"
-                      % s.direct_emmet_sizes if skip_direct else "")))
+                   + ("; direct path run only at E in %s (a d_in³ factorization per batch)"
+                      % s.direct_sizes[method] if skip_direct else "")))
 
     big = max(s.widths.values())
     small_E = [E for E in s.solve_sizes if E <= 64]
@@ -397,14 +400,6 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
     for E in small_E:
         plan.append((f"solve MEMIT {big} E={E}", lambda E=E: solve_pair("Llama-3-8B", big, "MEMIT", E)))
 
-    def factor_entry() -> None:
-        for dt in ("float64", "float32"):
-            f = str(c0_file(big, min(s.c0_keys, big), s.seed))
-            r = run_worker("factor", {"c0_file": f, "dtype": dt}, s.fresh_process, s.threads)
-            add(f"paper C0 factor d_in={big} {dt}", "paper solve",
-                {"d_in": big, "E": 0, "dtype": dt}, {"path": "cached factor", **r}, None, None, "s", 1,
-                notes="the one-time Cholesky factorization the cached factor amortizes (fresh process)")
-    plan.append(("factor", factor_entry))
 
     # --- C0 streaming, both dtypes
     def cov_entries() -> None:
@@ -441,6 +436,21 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
                           "(weights are loaded before); fresh process")
     plan.append(("values", value_entries))
 
+    def value_depth_entry() -> None:
+        """The same batched value optimization with 2 more layers above the value layer: activation memory per layer."""
+        E, dt, n4 = max(s.value_sizes), "bfloat16", s.n_layer + 2
+        r = run_worker("values", {**common, "n_layer": n4, "dtype": dt, "E": E, "loop": 1, "v_steps": s.v_steps,
+                                  "n_prefixes": s.n_prefixes, "layer": 0}, s.fresh_process, s.threads)
+        add(f"paper values {dt} E={E} {n4} layers", "paper values",
+            {"d_in": d_in, "E": E, "dtype": dt, "v_steps": s.v_steps, "n_prefixes": s.n_prefixes, "layer": 0,
+             "n_layer": n4, "loop_requests": 1, "model": model_desc.replace(f"{s.n_layer} layers", f"{n4} layers")},
+            {**r["batched"], "max_abs_delta_diff": r["max_abs_delta_diff"]}, r["one_at_a_time"],
+            r["one_at_a_time"]["s_per_edit"] / r["batched"]["s_per_edit"], "s/edit", 1,
+            ratio_means="one-at-a-time seconds per edit (1 request) ÷ batched seconds per edit",
+            notes=f"as the {s.n_layer}-layer entry with {n4} layers: the difference of the batched peaks is the "
+                  "activation memory of 2 layers above the value layer (used by the memory budget)")
+    plan.append(("values depth", value_depth_entry))
+
     for E in large_E:
         plan.append((f"solve MEMIT {big} E={E}", lambda E=E: solve_pair("Llama-3-8B", big, "MEMIT", E)))
     for E in s.solve_sizes:
@@ -449,7 +459,7 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
         if d == big:
             continue
         for method in ("MEMIT", "EMMET"):
-            for E in [E for E in s.solve_sizes if E <= s.width_max_E]:
+            for E in s.width_sizes:
                 plan.append((f"solve {method} {d} E={E}", lambda d=d, m=method, E=E, n=name: solve_pair(n, d, m, E)))
 
     def e2e_entry() -> None:
@@ -485,3 +495,190 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
                 None, None, "", 0)
         log.info("paper step %s took %.1f s", name, time.perf_counter() - t0)
 
+
+
+# --------------------------------------------------------------------------- curves, slopes, memory budget
+
+def _solves(entries: list[dict]) -> list[dict]:
+    return [e for e in entries if e["section"] == "paper solve" and e["params"].get("E")]
+
+
+def _fit_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y on log x (the exponent of a power law)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x and y and x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
+
+
+def solve_curves(entries: list[dict]) -> dict:
+    """{(method, path, d_in): [(E, seconds, peak RSS MB)]} from the paper solve entries."""
+    curves: dict = {}
+    for e in _solves(entries):
+        p = e["params"]
+        for side, path in (("ours", "cached factor"), ("baseline", "direct")):
+            r = e.get(side)
+            if r and "s" in r:
+                curves.setdefault((p["method"], path, p["d_in"]), []).append((p["E"], r["s"], r["peak_rss_mb"]))
+    return {k: sorted(v) for k, v in curves.items()}
+
+
+def slopes(entries: list[dict]) -> dict:
+    """Power-law exponents: time and peak memory vs E (E ≥ 16, at the largest width) and vs d_in (each E)."""
+    curves = solve_curves(entries)
+    out: dict = {"vs_E": {}, "vs_width": {}}
+    if not curves:
+        return out
+    big = max(k[2] for k in curves)
+    for (method, path, d), pts in curves.items():
+        if d == big:
+            sel = [p for p in pts if p[0] >= 16]
+            out["vs_E"][f"{method} {path}"] = {"time": _fit_slope([p[0] for p in sel], [p[1] for p in sel]),
+                                               "E": [p[0] for p in sel]}
+    widths = sorted({k[2] for k in curves})
+    for method in ("MEMIT", "EMMET"):
+        for path in ("cached factor", "direct"):
+            for E in (16, 1024):
+                pts = [(d, dict((p[0], p) for p in curves.get((method, path, d), [])).get(E)) for d in widths]
+                pts = [(d, p) for d, p in pts if p]
+                if len(pts) >= 2:
+                    out["vs_width"][f"{method} {path} E={E}"] = {
+                        "time": _fit_slope([d for d, _ in pts], [p[1] for _, p in pts]),
+                        "peak_rss": _fit_slope([d for d, _ in pts], [p[2] for _, p in pts]),
+                        "d_in": [d for d, _ in pts]}
+    return out
+
+
+def plot_paper(entries: list[dict], path: Path) -> Path | None:
+    """One figure: solve time and peak memory vs E (largest width) and vs d_in (E = 16 and 1024)."""
+    curves = solve_curves(entries)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = max(k[2] for k in curves)
+    widths = sorted({k[2] for k in curves})
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    style = {("MEMIT", "cached factor"): ("C0", "-", "o"), ("MEMIT", "direct"): ("C3", "-", "s"),
+             ("EMMET", "cached factor"): ("C0", "--", "^"), ("EMMET", "direct"): ("C3", "--", "v")}
+    for (method, path_, d), pts in curves.items():
+        if d != big:
+            continue
+        c, ls, mk = style[(method, path_)]
+        for j in (0, 1):
+            ax[j, 0].plot([p[0] for p in pts], [p[1 + j] / (1 if j == 0 else 1024) for p in pts], color=c,
+                          linestyle=ls, marker=mk, label=f"{method}, {path_}")
+    for E, mk in ((16, "o"), (1024, "s")):
+        for (method, path_), (c, ls, _) in style.items():
+            pts = [(d, dict((p[0], p) for p in curves.get((method, path_, d), [])).get(E)) for d in widths]
+            pts = [(d, p) for d, p in pts if p]
+            if len(pts) < 2:
+                continue
+            for j in (0, 1):
+                ax[j, 1].plot([d for d, _ in pts], [p[1 + j] / (1 if j == 0 else 1024) for _, p in pts], color=c,
+                              linestyle=ls, marker=mk, label=f"{method}, {path_}, E={E}")
+    for a in ax.flat:
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.grid(True, which="both", alpha=0.3)
+    ax[0, 0].set(title=f"Δ solve time vs batch size E (d_in = {big:,})", xlabel="E (edits per batch)", ylabel="s")
+    ax[1, 0].set(title=f"peak RSS of the solve process vs E (d_in = {big:,})", xlabel="E", ylabel="GiB")
+    ax[0, 1].set(title="Δ solve time vs MLP width d_in", xlabel="d_in", ylabel="s")
+    ax[1, 1].set(title="peak RSS vs d_in", xlabel="d_in", ylabel="GiB")
+    for a in ax[:, 1]:
+        a.set_xticks(widths)
+        a.set_xticklabels([f"{w:,}" for w in widths])
+    ax[0, 0].legend(fontsize=8)
+    ax[0, 1].legend(fontsize=7)
+    fig.suptitle("Cached Cholesky factor of C0 (push-through) vs direct solve, float64, one CPU thread", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def llama3_8b_params(dims: dict = LLAMA3_8B) -> int:
+    """Parameter count of a Llama of these widths (8 030 261 248 for Llama-3-8B)."""
+    h, f, V, L = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"], dims["num_hidden_layers"]
+    kv = h // dims["num_attention_heads"] * dims["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    return L * per_layer + 2 * V * h + h
+
+
+def memory_budget(entries: list[dict], edit_layers: int = 5, value_layer: int = 8, E: int = 4096,
+                  chunks: tuple[int, ...] = (4096, 256, 64)) -> dict:
+    """GPU memory of a 4096-fact MEMIT edit of the full Llama-3-8B, from the measured parts (GiB).
+
+    * weights: the parameter count in bfloat16 (checked against the measured 2-layer model);
+    * C0 / factor: d_in² × 8 bytes (float64) or × 4 (float32) per edited layer (the factor
+      entries' measured sizes);
+    * the solve's working memory at E: the measured peak RSS of the cached-factor / direct solve
+      process over what it held before (L or C0), plus K and R;
+    * value optimization: the measured activation memory per request above the value layer,
+      scaled to the 32 − 1 − ``value_layer`` layers of Llama-3-8B, plus the part that does not
+      grow with depth (LM-head logits, keys/values of the prefixes), per chunk of requests.
+    """
+    GiB = 2 ** 30
+    by = {e["name"]: e for e in entries}
+    d, h = LLAMA3_8B["intermediate_size"], LLAMA3_8B["hidden_size"]
+    need = [f"paper solve MEMIT d_in={d} E={E}", "paper values bfloat16 E=64", "paper values bfloat16 E=64 4 layers"]
+    missing = [n for n in need if n not in by or by[n].get("ours") is None or "s" not in by[n]["ours"]]
+    if missing:
+        raise KeyError(f"memory_budget needs the measured entries {missing}; run `benchmarks/run.py --only paper`")
+    n_params = llama3_8b_params()
+    weights = n_params * 2 / GiB
+    f64 = d * d * 8 / GiB
+    sol = by[f"paper solve MEMIT d_in={d} E={E}"]
+    KR = (d * E + h * E) * 8 / GiB
+    solve_cached = sol["ours"]["peak_rss_delta_mb"] / 1024 + KR
+    solve_direct = (sol["baseline"]["peak_rss_delta_mb"] / 1024 + KR) if sol.get("baseline") else None
+    v2, v4 = by["paper values bfloat16 E=64"]["ours"], by["paper values bfloat16 E=64 4 layers"]["ours"]
+    per_layer_req = max(v4["peak_rss_delta_mb"] - v2["peak_rss_delta_mb"], 0.0) / 2 / 64 / 1024  # GiB
+    fixed_req = max(v2["peak_rss_delta_mb"] / 1024 / 64 - per_layer_req, 0.0)  # head, prefixes: one layer above
+    layers_above = LLAMA3_8B["num_hidden_layers"] - 1 - value_layer
+    act = {c: c * (fixed_req + per_layer_req * layers_above) for c in chunks}
+    measured_2l = next((e["ours"].get("weights_mb") for e in entries if e["section"] == "paper C0"
+                        and e["params"].get("dtype") == "bfloat16"), None)
+    two = dict(LLAMA3_8B, num_hidden_layers=2)
+    scen = {
+        "direct solve, C0 of every edited layer on the GPU (float64)":
+            weights + edit_layers * f64 + (solve_direct if solve_direct is not None else 2 * f64 + KR),
+        "cached factor of every edited layer on the GPU (float64)": weights + edit_layers * f64 + solve_cached,
+        "cached factor, float32, every edited layer on the GPU": weights + edit_layers * f64 / 2 + solve_cached / 2,
+        "offload: factors on the CPU, one layer's moved to the GPU for its solve (float64)":
+            weights + f64 + solve_cached,
+        "offload: factors on the CPU and the solve there": weights + KR,
+    }
+    rows = {name: {c: base + act[c] for c in chunks} for name, base in scen.items()}
+    return {"params": n_params, "weights_gib": weights, "c0_or_factor_per_layer_gib": f64, "edit_layers": edit_layers,
+            "E": E, "solve_cached_gib": solve_cached, "solve_direct_gib": solve_direct, "KR_gib": KR,
+            "values_per_request_gib": {"fixed": fixed_req, "per_layer": per_layer_req, "layers_above": layers_above},
+            "values_activations_gib": act, "weights_2_layer_bf16_measured_mb": measured_2l,
+            "weights_2_layer_bf16_formula_mb": llama3_8b_params(two) * 2 / 2 ** 20, "scenarios": rows,
+            "fits": {name: {c: [g for g in (24, 40, 80) if v <= g - 1.0] for c, v in r.items()} for name, r in rows.items()}}
+
+
+def budget_markdown(b: dict) -> str:
+    chunks = list(next(iter(b["scenarios"].values())))
+    lines = ["| GPU memory, 4096-fact MEMIT edit of Llama-3-8B (bf16) | " + " | ".join(
+        f"values in chunks of {c}" for c in chunks) + " |", "| --- |" + " --- |" * len(chunks)]
+    for name, r in b["scenarios"].items():
+        cells = []
+        for c in chunks:
+            fits = b["fits"][name][c]
+            cells.append(f"{r[c]:.1f} GiB ({'fits ' + '/'.join(map(str, fits)) + ' GB' if fits else 'fits none'})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    v = b["values_per_request_gib"]
+    lines += ["", f"Parts (GiB): weights {b['weights_gib']:.2f} ({b['params'] / 1e9:.3f} B parameters × 2 bytes); "
+              f"C0 or its factor {b['c0_or_factor_per_layer_gib']:.2f} per edited layer (float64; {b['edit_layers']} "
+              f"layers); cached solve at E={b['E']} {b['solve_cached_gib']:.2f}"
+              + (f", direct {b['solve_direct_gib']:.2f}" if b["solve_direct_gib"] is not None else "")
+              + f" (K and R {b['KR_gib']:.2f} of it); value optimization {1024 * v['per_layer']:.2f} MiB per request per "
+              f"layer above the value layer ({v['layers_above']} layers) + {1024 * v['fixed']:.1f} MiB per request "
+              "(LM-head logits, prefix keys/values). 'fits' leaves 1 GiB for the CUDA context."]
+    return "\n".join(lines)

@@ -846,6 +846,8 @@ def markdown_table(entries: list[dict], machine: dict) -> str:
         elif sec == "e2e":
             stages = ", ".join(f"{k[:-2]} {_fmt(o.get(k))} s" for k in ("stats_s", "values_s", "solve_s", "eval_s"))
             lines.append(f"| {e['name']}, ES/PS/NS/S | {stages}; {_scores_str(o)} | | | |")
+        elif sec.startswith("paper"):
+            lines.append(_paper_row(e, o, b, ratio, met))
     m = machine
     lines.append("")
     lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} "
@@ -854,6 +856,80 @@ def markdown_table(entries: list[dict], machine: dict) -> str:
                  + f"; load average {m.get('load_start')} → {m.get('load_end')}. "
                  f"Medians of {entries[0]['repeats'] if entries else '?'} repeats; both sides of each ratio measured in "
                  f"the same run. Mode: {m.get('mode')}, {m.get('date')}. Regenerate with `make bench`.")
+    return "\n".join(lines)
+
+
+def _mb(x: Any) -> str:
+    return "–" if x is None else (f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MB")
+
+
+def _paper_row(e: dict, o: dict, b: dict, ratio: str, met: str) -> str:
+    """One table row for the paper-dimension entries (benchmarks/paper.py)."""
+    p, sec = e["params"], e["section"]
+    if sec == "paper solve" and not p.get("E"):
+        return (f"| C0 Cholesky factor, d_in={p['d_in']:,}, {p['dtype']} (once per layer) | {_fmt(o['s'])} s, "
+                f"peak {_mb(o['peak_rss_mb'])} | | | |")
+    if sec == "paper solve":
+        rel = o.get("rel_delta_diff")
+        base = f"direct {_fmt(b['s'])} s, peak {_mb(b['peak_rss_mb'])}" if b else "direct: not run"
+        return (f"| {p['method']} Δ, d_in={p['d_in']:,}, E={p['E']} | cached factor {_fmt(o['s'])} s, "
+                f"peak {_mb(o['peak_rss_mb'])} | {base} | {ratio} | "
+                f"{'‖ΔΔ‖/‖Δ‖ ' + _fmt(rel) if rel is not None else ''}{met} |")
+    if sec == "paper C0":
+        return (f"| C0 streaming, d_in={p['d_in']:,}, {p['dtype']}, {p['tokens']:,} tokens | stop at the layer "
+                f"{_fmt(o['tokens_per_s'])} tok/s, peak {_mb(o['peak_rss_mb'])} | whole model "
+                f"{_fmt(b['tokens_per_s'])} tok/s, peak {_mb(b['peak_rss_mb'])} | {ratio} | |")
+    if sec == "paper values":
+        layers = f", {p['n_layer']} layers" if p.get("n_layer") else ""
+        return (f"| δ optimization, d_in={p['d_in']:,}{layers}, {p['dtype']}, E={p['E']}, {p['v_steps']} steps | batched "
+                f"{_fmt(o['s_per_edit'])} s/edit, +{_mb(o['peak_rss_delta_mb'])} | one at a time "
+                f"{_fmt(b['s_per_edit'])} s/edit ({b['requests']} req.) | {ratio} | max‖Δδ‖ "
+                f"{_fmt(o['max_abs_delta_diff'])} |")
+    if sec == "paper e2e":
+        stages = ", ".join(f"{k[:-2]} {_fmt(o.get(k))} s" for k in ("factor_s", "values_s", "solve_s"))
+        return (f"| MEMIT edit of {p['E']} facts, d_in={p['d_in']:,}, {p['dtype']} | {stages}; whole edit "
+                f"{_fmt(o['s'])} s, +{_mb(o['peak_rss_delta_mb'])} | | | |")
+    return f"| {e['name']} | {str(o.get('error', ''))[:120].replace('|', '/')} | | | |"
+
+
+PAPER_START, PAPER_END = "<!-- paper:start -->", "<!-- paper:end -->"
+
+
+def render_paper(entries: list[dict], figure: Path = HERE / "paper.png") -> str | None:
+    """The README's paper-dimension block: the 14 336-wide rows, the figure, the slopes, the memory budget."""
+    paper = [e for e in entries if e["section"].startswith("paper")]
+    if not paper:
+        return None
+    sys.path.insert(0, str(HERE))
+    from paper import budget_markdown, memory_budget, plot_paper, slopes
+
+    big = max((e["params"].get("d_in") or 0) for e in paper)
+    rows = [e for e in paper if e["params"].get("d_in") == big or e["section"] == "paper failed"]
+    table = markdown_table(rows, paper[0]["machine"]).split("\n\nMachine:")[0]
+    fig = plot_paper(paper, figure)
+    sl = slopes(paper)
+    lines = [table, ""]
+    if fig:
+        lines += [f"![solve time and memory vs E and width](benchmarks/{fig.name})", ""]
+    fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
+    if sl["vs_E"]:
+        lines.append("Slopes (log-log least squares; time ∝ E^slope at d_in = "
+                     f"{big:,}, E ≥ 16): " + "; ".join(f"{k} {fmt(v['time'])}" for k, v in sl["vs_E"].items()) + ".")
+    if sl["vs_width"]:
+        lines.append("Slopes against d_in (time ∝ d_in^slope, peak memory ∝ d_in^slope, over "
+                     f"{', '.join(str(w) for w in next(iter(sl['vs_width'].values()))['d_in'])}): "
+                     + "; ".join(f"{k}: time {fmt(v['time'])}, memory {fmt(v['peak_rss'])}"
+                                 for k, v in sl["vs_width"].items()) + ".")
+    try:
+        budget = memory_budget(paper)
+        (HERE / "memory_budget.json").write_text(json.dumps(budget, indent=1, default=str) + "\n")
+        lines += ["", budget_markdown(budget)]
+    except KeyError as exc:
+        lines += ["", f"Memory budget: not computed ({exc})."]
+    m = paper[0]["machine"]
+    lines += ["", f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} ({m.get('torch_threads')} "
+              f"threads), load average {m.get('load_start')} → {m.get('load_end')}; {m.get('date')}. All rows and "
+              "the other widths: benchmarks/RESULTS.md. Regenerate with `python benchmarks/run.py --only paper --merge`."]
     return "\n".join(lines)
 
 
@@ -895,6 +971,19 @@ def write_outputs(entries: list[dict], machine: dict, out: Path, md: Path) -> st
 
 
 # --------------------------------------------------------------------------- main
+
+def _write_readme(tiny: list[dict], entries: list[dict], readme: bool) -> None:
+    """README: the tiny/world table between the bench markers, the paper block between the paper markers."""
+    paper = render_paper(entries)
+    if not readme:
+        return
+    if tiny:
+        changed = update_readme(markdown_table(tiny, tiny[0]["machine"]))
+        log.info("README Performance section %s", "updated" if changed else "unchanged")
+    if paper:
+        changed = update_readme(paper, start=PAPER_START, end=PAPER_END)
+        log.info("README paper-dimension section %s", "updated" if changed else "unchanged")
+
 
 def run(settings: Settings, sections: Sequence[str] = SECTIONS) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
@@ -939,6 +1028,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: rewrite RESULTS.md, the README sections and the figure from --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
@@ -973,6 +1064,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "noisy (consider --threads 1, or rerun on a quiet machine)", load, os.cpu_count())
     out = a.out or (HERE / ".cache" / "results-quick.json" if a.quick else HERE / "results.json")
     md = a.md or out.with_name("RESULTS-quick.md" if a.quick else "RESULTS.md")
+    if a.render:
+        entries = json.loads(out.read_text())
+        table = write_outputs(entries, entries[0]["machine"], out, md)
+        _write_readme([e for e in entries if not e["section"].startswith("paper")], entries, a.readme is not False)
+        return 0
     sections = a.only or SECTIONS
     entries, machine = run(settings, sections)
     for e in entries:
@@ -986,8 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = write_outputs(entries, machine, out, md)
     print(table)
     if a.readme if a.readme is not None else not a.quick:
-        changed = update_readme(table)
-        log.info("README Performance section %s", "updated" if changed else "unchanged")
+        _write_readme([e for e in entries if not e["section"].startswith("paper")], entries, True)
     log.info("wrote %s and %s", out, md)
     return 0
 

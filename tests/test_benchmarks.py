@@ -108,3 +108,32 @@ def test_table_renders_skipped_and_missing_figures():
                 "baseline": None, "ratio": None, "repeats": 1, "params": {}}]
     table = run.markdown_table(entries, {"cpu": "x", "cores": 1, "torch": "t", "torch_threads": 1, "device": "cpu"})
     assert "skipped: no metrics" in table and "end-to-end" in table
+
+
+def test_paper_dimension_entries(quick, tmp_path):
+    """The paper-dimension section (reduced widths in quick mode): numeric d_in and E, both solve paths with
+    the same Δ, a ratio wherever two paths are compared, and the figure renders."""
+    _, entries, _ = quick
+    paper = [e for e in entries if e["section"].startswith("paper")]
+    assert paper and not [e for e in paper if e["section"] == "paper failed"], [e["ours"] for e in paper
+                                                                                if e["section"] == "paper failed"]
+    for e in paper:
+        assert isinstance(e["params"]["d_in"], int) and isinstance(e["params"]["E"], int), e["name"]
+        if e["baseline"] is not None:
+            assert e["ratio"] is not None and e["ratio"] > 0, e["name"]
+    solves = [e for e in paper if e["section"] == "paper solve" and e["params"]["E"] > 0]
+    assert {e["params"]["method"] for e in solves} == {"MEMIT", "EMMET"}
+    for e in solves:
+        assert "cached factor" in e["ours"]["path"] and e["ours"]["peak_rss_mb"] > 0
+        if e["baseline"]:
+            assert e["baseline"]["path"] == "direct" and e["ours"]["rel_delta_diff"] < 1e-6
+    values = [e for e in paper if e["section"] == "paper values"]
+    assert values and all(e["ours"]["max_abs_delta_diff"] < 1e-4 for e in values)
+    assert [e for e in paper if e["section"] == "paper C0"] and [e for e in paper if e["section"] == "paper e2e"]
+    run = _load_run()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from paper import plot_paper, slopes
+
+    assert plot_paper(paper, tmp_path / "paper.png").stat().st_size > 0
+    assert slopes(paper)["vs_E"]
+    assert "Memory budget: not computed" in run.render_paper(paper, tmp_path / "p.png")  # needs d_in = 14 336
