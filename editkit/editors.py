@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -29,8 +30,8 @@ import torch
 from .keys import context_prefixes, hidden_at_subject, keys
 from .models import LanguageModel
 from .requests import EditRequest, RequestError
-from .solver import ridge, solve
-from .stats import corpus_name, second_moment
+from .solver import C0Factor, ridge, solve
+from .stats import c0_factor, corpus_name, second_moment
 from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,12 @@ class Editor:
     values: ValueConfig = field(default_factory=ValueConfig)
     solve_dtype: str = "float64"
     c0_ridge: float = 0.0  # add ε·mean(diag C0)·I before solving; for layers with dead units (see solver.ridge)
+    # "cached": factorize C0 once per layer (cached beside C0 on disk and on the model) and solve every batch
+    # as an E × E system on that factor; "direct": factorize the batch's own system (λC0 + KKᵀ or C0) each time.
+    solve_path: str = "cached"
+    # Keep the factors on the CPU and copy each layer's to the weight's device only for its own solve:
+    # one d_in² factor on the GPU at a time instead of one per edited layer (see README, memory budget).
+    offload_factor: bool = False
 
     constraint: ClassVar[str]  # "equality" or "least_squares" (see solver.solve)
     method: ClassVar[str]  # the registry name
@@ -207,6 +214,11 @@ class Editor:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["method"] = self.method
+        # How the solve runs changes Δ by float rounding only: left out at its defaults, so run
+        # directories (keyed by these parameters) stay where they were.
+        for name, default in (("solve_path", "cached"), ("offload_factor", False)):
+            if d.get(name) == default:
+                d.pop(name)
         if not isinstance(self.corpus, (str, Path)):
             d["corpus"] = corpus_name(self.corpus)
         return d
@@ -224,6 +236,31 @@ class Editor:
                                           progress=progress)
         return lm.cache[key]
 
+    def c0_factor(self, lm: LanguageModel, layer: int, C0: torch.Tensor | None = None,
+                  progress: bool = True) -> C0Factor:
+        """The Cholesky factor of this layer's ``C0 + ridge`` in ``solve_dtype``, computed once per model.
+
+        Without ``C0``: of :meth:`second_moment` (this editor's corpus settings, the
+        unedited model), cached on disk beside it (:func:`editkit.stats.c0_factor`). With a given ``C0`` tensor (``apply(stats=...)``):
+        factorized once and reused for as long as that same tensor is passed unchanged.
+        Kept on the CPU with ``offload_factor``, else on the edited weight's device."""
+        dtype = getattr(torch, self.solve_dtype)
+        device = torch.device("cpu") if self.offload_factor else lm.weight(layer).device
+        if C0 is None:
+            key = ("C0factor", layer, corpus_name(self.corpus), self.n_samples, self.max_tokens, self.c0_ridge,
+                   dtype, device)
+            if key not in lm.cache:  # of the C0 this editor keeps for the model (the unedited model's)
+                lm.cache[key] = c0_factor(lm, layer, self.corpus, self.n_samples, max_tokens=self.max_tokens,
+                                          ridge_eps=self.c0_ridge, dtype=dtype, device=device, progress=progress,
+                                          C0=self.second_moment(lm, layer, progress))
+            return lm.cache[key]
+        key = ("C0factor-given", layer, self.c0_ridge, dtype, device)
+        ref, version, F = lm.cache.get(key, (None, None, None))
+        if ref is None or ref() is not C0 or version != C0._version:
+            F = C0Factor.of(C0, self.c0_ridge, dtype, device)
+            lm.cache[key] = (weakref.ref(C0), C0._version, F)
+        return F
+
     # --- application ------------------------------------------------------
     def apply(self, lm: LanguageModel, requests: Sequence[EditRequest | Any], *,
               stats: dict[int, torch.Tensor] | None = None, progress: bool = True) -> Edit:
@@ -240,7 +277,13 @@ class Editor:
         lm.edits.append(edit)
         try:
             t0 = time.perf_counter()
-            C0 = {l: (stats[l] if stats and l in stats else self.second_moment(lm, l, progress)) for l in layers}
+            given = stats or {}
+            if self.solve_path == "cached":
+                C0 = {l: self.c0_factor(lm, l, given.get(l), progress) for l in layers}
+            elif self.solve_path == "direct":
+                C0 = {l: (given[l] if l in given else self.second_moment(lm, l, progress)) for l in layers}
+            else:
+                raise ValueError(f"solve_path={self.solve_path!r}: choose 'cached' or 'direct'")
             edit.timings["stats"] = time.perf_counter() - t0
             for group in self._groups(reqs):
                 self._apply_group(lm, group, layers, C0, edit, progress)
@@ -268,7 +311,7 @@ class Editor:
         return [reqs]
 
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
-                     C0: dict[int, torch.Tensor], edit: Edit, progress: bool) -> None:
+                     C0: dict[int, torch.Tensor | C0Factor], edit: Edit, progress: bool) -> None:
         diag = edit.diagnostics
         prefixes = context_prefixes(lm, self.n_prefixes, self.prefix_len, self.seed)
         top = layers[-1]
@@ -288,8 +331,11 @@ class Editor:
             H = hidden_at_subject(lm, reqs, top)
             R = (Z.cpu() - H).T / (len(layers) - i)  # this layer's share of what is left
             W = lm.weight(layer)
-            C = ridge(C0[layer].to(device=W.device, dtype=dtype), self.c0_ridge)
-            sol = solve(K.to(W.device), R.to(W.device), C, self.constraint, self.reg, dtype)
+            if isinstance(C0[layer], C0Factor):  # the layer's cached factor (copied to W's device if offloaded)
+                sol = solve(K.to(W.device), R.to(W.device), C0[layer].to(W.device), self.constraint, self.reg)
+            else:
+                C = ridge(C0[layer].to(device=W.device, dtype=dtype), self.c0_ridge)
+                sol = solve(K.to(W.device), R.to(W.device), C, self.constraint, self.reg, dtype, path="direct")
             with torch.no_grad():
                 new = (W.to(dtype) + sol.delta).to(W.dtype)
                 if not torch.isfinite(new).all():

@@ -137,6 +137,8 @@ class C0Factor:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "C0Factor":
         """The same factor on another device / in another dtype (derived products are recomputed there)."""
+        if (device is None or torch.device(device) == self.device) and (dtype is None or dtype == self.dtype):
+            return self
         return C0Factor(self.L.to(device=device or self.device, dtype=dtype or self.dtype), self.ridge, self.cond,
                         self.checksum)
 

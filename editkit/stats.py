@@ -328,18 +328,20 @@ def load_cached_c0(path: Path, d_in: int) -> tuple[torch.Tensor, SecondMomentInf
 def c0_factor(lm: LanguageModel, layer: int, corpus: str | Sequence[str] | os.PathLike = "wikitext",
               n_samples: int | None = 100_000, *, max_tokens: int | None = None, ridge_eps: float = 0.0,
               dtype: torch.dtype = torch.float64, device: torch.device | str | None = None, cache: bool = True,
-              progress: bool = True) -> "C0Factor":
+              progress: bool = True, C0: torch.Tensor | None = None) -> "C0Factor":
     """The Cholesky factor of ``C0 + ridge`` (:class:`~editkit.solver.C0Factor`), cached on disk beside C0.
 
     Same key as :func:`second_moment` plus the ridge and dtype; the stored factor
     carries the checksum of the C0 it factorizes and is recomputed when the C0 on
     disk no longer matches it. Factorizing is O(d_in³) (a minute on one CPU core at
-    d_in = 14 336); reading it back is a file read.
+    d_in = 14 336); reading it back is a file read. ``C0`` given (e.g. the unedited
+    model's, kept by an editor across sequential edits): that C0 is factorized, and a
+    stored factor is used only if it was made from exactly that C0.
     """
     from .solver import C0Factor, c0_checksum
 
-    C0, info = second_moment(lm, layer, corpus, n_samples, max_tokens=max_tokens, cache=cache, progress=progress,
-                             return_info=True)
+    if C0 is None:
+        C0 = second_moment(lm, layer, corpus, n_samples, max_tokens=max_tokens, cache=cache, progress=progress)
     checksum = c0_checksum(C0)
     seq_len = min(getattr(lm.tokenizer, "model_max_length", 1024) or 1024, 1024, lm.max_positions or 1024)
     c0_path = _cache_path(lm, layer, materialize_corpus(corpus, n_samples), n_samples, max_tokens, seq_len)  # C0's key

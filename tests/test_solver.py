@@ -118,3 +118,46 @@ def test_factor_cached_beside_C0_and_verified_against_it(tmp_path, monkeypatch, 
     H = c0_factor(lm, 1, TINY_TEXT[:40], None, ridge_eps=1e-6, progress=False)
     torch.testing.assert_close(H.L, F.L * 2 ** 0.5)
     assert H.checksum != F.checksum
+
+
+@pytest.mark.parametrize("method", ["ROME", "MEMIT", "EMMET"])
+def test_cached_factor_editor_matches_the_direct_solve(method):
+    """An editor solving on the cached C0 factor writes the same Δ as one factorizing every batch, and
+    factorizes each layer's C0 once across sequential edits."""
+    import dataclasses as dc
+
+    from editkit import solver
+    from editkit.testing import TINY_TEXT, tiny_lm
+
+    torch.manual_seed(0)
+    lm = tiny_lm("llama", n_layer=3, d=32)
+    layers = [1] if method == "ROME" else [0, 1]
+    C0s = {l: ek.second_moment(lm, l, TINY_TEXT, None, cache=False, progress=False) for l in layers}
+    kw = dict(corpus=TINY_TEXT, n_samples=None, n_prefixes=1, prefix_len=3, c0_ridge=1e-6,
+              values=ek.ValueConfig(v_steps=2, stop_nll=0.0))
+    ed = {"ROME": lambda: ek.ROME(layer=1, **kw), "MEMIT": lambda: ek.MEMIT(layers=layers, **kw),
+          "EMMET": lambda: ek.EMMET(layers=layers, **kw)}[method]()
+    reqs = [ek.EditRequest("{} plays the", "Toko Yasuda", "guitar"), ek.EditRequest("{} was born in", "Apple A5", "Paris")]
+    calls = []
+    real_of = solver.C0Factor.of.__func__
+
+    def counting_of(cls, *a, **k):
+        calls.append(1)
+        return real_of(cls, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(solver.C0Factor, "of", classmethod(counting_of))
+        with ed.applied(lm, reqs, stats=C0s, progress=False) as cached:
+            d_cached = {l: d.clone() for l, d in cached.deltas.items()}
+        with ed.applied(lm, reqs[:1], stats=C0s, progress=False):
+            pass
+    assert len(calls) == len(layers)  # once per layer, reused by the second edit
+    direct = dc.replace(ed, solve_path="direct")
+    with direct.applied(lm, reqs, stats=C0s, progress=False) as ref:
+        for l in layers:
+            assert ((d_cached[l] - ref.deltas[l]).norm() / ref.deltas[l].norm()).item() < 1e-4  # float32 weights
+    with dc.replace(ed, offload_factor=True).applied(lm, reqs, stats=C0s, progress=False) as off:
+        for l in layers:
+            torch.testing.assert_close(off.deltas[l], d_cached[l])
+    with pytest.raises(ValueError, match="solve_path"):
+        dc.replace(ed, solve_path="fast").apply(lm, reqs, stats=C0s, progress=False)
