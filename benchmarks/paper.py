@@ -68,12 +68,15 @@ class PaperSettings:
     # and the smaller widths at width_sizes only: the full run stays near 25 minutes of CPU time.
     direct_sizes: dict = field(default_factory=lambda: {"MEMIT": [1, 16, 64, 4096], "EMMET": [1, 64]})
     width_sizes: list[int] = field(default_factory=lambda: [16, 1024])
+    direct_max_E: int = 1 << 30  # and at most this E (the largest width)
     steps: list[str] | None = None  # run only the plan steps whose name starts with one of these
     c0_keys: int = 1024  # random keys behind the synthetic C0
     lam: float = 15000.0  # MEMIT's mom2_update_weight for Llama-3-8B presets
     lam_e: float = 0.1
     e2e_facts: int = 256
     e2e_dtype: str = "bfloat16"
+    time_condition_number: bool = False  # time second_moment's exact eigvalsh too (minutes of CPU at 14 336)
+    e2e_v_steps: int = 1  # one Adam step per request: the stage costs stay measurable on 2 shared cores
     fresh_process: bool = True
     threads: int = 1
     seed: int = 0
@@ -374,7 +377,8 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
     # --- solves: the d_in = 14 336 small-E comparison first (the target), then the rest
     def solve_pair(width_name: str, d: int, method: str, E: int) -> None:
         f = str(c0_file(d, min(s.c0_keys, d), s.seed))
-        skip_direct = E not in s.direct_sizes[method]
+        big_width = d == max(s.widths.values())
+        skip_direct = big_width and (E not in s.direct_sizes[method] or E > s.direct_max_E)
         if method == "EMMET" and E > d:
             return  # more equality constraints than dimensions: infeasible
         res, paths = {}, ["cached"] + ([] if skip_direct else ["direct"])
@@ -405,8 +409,8 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
                    "it costs what the direct EMMET solve at E=1 costs); per batch W = L⁻¹K, (WᵀW + ρI) E×E, Y = L⁻ᵀW, Δ = R(WᵀW + ρI)⁻¹Yᵀ. direct: "
                    + ("Cholesky of λC0 + KKᵀ per batch" if method == "MEMIT" else "Cholesky of C0 per batch")
                    + "; each side in a fresh process, peak = VmHWM; synthetic C0 (cond ≈ c0_cond)"
-                   + ("; direct path run only at E in %s (a d_in³ factorization per batch)"
-                      % s.direct_sizes[method] if skip_direct else "")))
+                   + ("; direct path not run at this E (a d_in³ factorization per batch; run at E in %s up to %d)"
+                      % (s.direct_sizes[method], min(s.direct_max_E, max(s.solve_sizes))) if skip_direct else "")))
 
     big = max(s.widths.values())
     small_E = [E for E in s.solve_sizes if E <= 64]
@@ -416,12 +420,12 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
 
 
     # --- C0 streaming, both dtypes
-    def cov_entries() -> None:
-        for dt in s.dtypes:
+    def cov_entries(dt: str) -> None:
+        if True:
             for n in s.cov_tokens:
                 res = {side: run_worker("cov", {**common, "dtype": dt, "tokens": n, "seq": s.cov_seq, "batch": 4,
-                                                "layer": 0, "side": side, "time_cond": side == "stop at layer"
-                                                and dt == s.dtypes[0]}, s.fresh_process, s.threads)
+                                                "layer": 0, "side": side, "time_cond": s.time_condition_number
+                                                and side == "stop at layer" and dt == s.dtypes[0]}, s.fresh_process, s.threads)
                        for side in ("stop at layer", "whole model")}
                 o, b = res["stop at layer"], res["whole model"]
                 add(f"paper C0 {dt} tokens={o['tokens']}", "paper C0",
@@ -429,15 +433,16 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
                     o, b, o["tokens_per_s"] / b["tokens_per_s"], "tok/s", 1,
                     ratio_means="tokens/s stopping after the edited layer ÷ tokens/s running the whole model",
                     notes="ek.second_moment (float64 d_in×d_in accumulator) in a fresh process each, without its exact "
-                          "condition number (an eigvalsh of C0; timed apart: condition_number_s); baseline = "
+                          "condition number (an eigvalsh of C0, not streaming; time_condition_number times it apart); baseline = "
                           "the same with the forward running every layer and the 128k-vocabulary LM head (as before "
                           f"this change); C0 traces equal: {abs(o['C0_trace'] - b['C0_trace']) <= 1e-9 * abs(b['C0_trace'])}")
-    plan.append(("C0 streaming", cov_entries))
+    for dt in s.dtypes:
+        plan.append((f"C0 streaming {dt}", lambda dt=dt: cov_entries(dt)))
 
     # --- values, both dtypes
-    def value_entries() -> None:
-        for dt in s.dtypes:
-            for E in s.value_sizes:
+    def value_entries(dt: str, E: int) -> None:
+        if True:
+            if True:
                 r = run_worker("values", {**common, "dtype": dt, "E": E, "loop": min(E, s.value_loop_cap),
                                           "v_steps": s.v_steps, "n_prefixes": s.n_prefixes, "layer": 0},
                                s.fresh_process, s.threads)
@@ -451,7 +456,9 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
                     notes="ek.optimize_values with stop_nll=0 (every step runs); δ at layer 0, d = hidden size; "
                           "peak_rss_delta_mb of the batched side = the activations of the value optimization "
                           "(weights are loaded before); fresh process")
-    plan.append(("values", value_entries))
+    for dt in s.dtypes:
+        for E in s.value_sizes:
+            plan.append((f"values {dt} E={E}", lambda dt=dt, E=E: value_entries(dt, E)))
 
     def value_depth_entry() -> None:
         """The same batched value optimization with 2 more layers above the value layer: activation memory per layer."""
@@ -482,17 +489,18 @@ def bench_paper(s: PaperSettings, add: Callable[..., dict]) -> None:
     def e2e_entry() -> None:
         f = str(c0_file(d_in, min(s.c0_keys, d_in), s.seed))
         r = run_worker("e2e", {**common, "dtype": s.e2e_dtype, "facts": s.e2e_facts, "layer": 0, "lam": s.lam,
-                               "v_steps": s.v_steps, "n_prefixes": s.n_prefixes, "c0_file": f, "path": "cached"},
+                               "v_steps": s.e2e_v_steps, "n_prefixes": s.n_prefixes, "c0_file": f, "path": "cached"},
                        s.fresh_process, s.threads)
         add(f"paper e2e MEMIT {s.e2e_facts} facts", "paper e2e",
-            {"d_in": d_in, "E": s.e2e_facts, "dtype": s.e2e_dtype, "v_steps": s.v_steps, "layers": [0],
+            {"d_in": d_in, "E": s.e2e_facts, "dtype": s.e2e_dtype, "v_steps": s.e2e_v_steps, "layers": [0],
              "model": model_desc}, r, None, None, "s", 1,
             notes="ek.MEMIT.apply with C0 given (synthetic, stats=); values/solve from edit.timings; peak RSS of "
                   "the whole edit over the loaded model; fresh process")
     plan.append(("e2e", e2e_entry))
 
-    if s.steps:
-        plan = [(n, f) for n, f in plan if any(n.startswith(p) for p in s.steps)]
+    if s.steps:  # in the order asked for
+        plan = [(n, f) for p in s.steps for n, f in plan if n.startswith(p)]
+        plan = [x for i, x in enumerate(plan) if x[0] not in [y[0] for y in plan[:i]]]
     progress = cache_root() / f"progress-{s.mode}.jsonl"  # every entry as soon as it is measured
     add_entry = add
 
@@ -543,7 +551,8 @@ def solve_curves(entries: list[dict]) -> dict:
 
 
 def slopes(entries: list[dict]) -> dict:
-    """Power-law exponents: time and peak memory vs E (E ≥ 16, at the largest width) and vs d_in (each E)."""
+    """Power-law exponents: time vs E at the largest width (cached factor over E ≥ 256, where the O(d²E) work
+    dominates; direct over E ≥ 16) and time and peak memory vs d_in (E = 16 and 1024)."""
     curves = solve_curves(entries)
     out: dict = {"vs_E": {}, "vs_width": {}}
     if not curves:
@@ -551,7 +560,7 @@ def slopes(entries: list[dict]) -> dict:
     big = max(k[2] for k in curves)
     for (method, path, d), pts in curves.items():
         if d == big:
-            sel = [p for p in pts if p[0] >= 16]
+            sel = [p for p in pts if p[0] >= 256] if path == "cached factor" else [p for p in pts if p[0] >= 16]
             out["vs_E"][f"{method} {path}"] = {"time": _fit_slope([p[0] for p in sel], [p[1] for p in sel]),
                                                "E": [p[0] for p in sel]}
     widths = sorted({k[2] for k in curves})
