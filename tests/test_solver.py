@@ -100,9 +100,7 @@ def test_singular_c0_is_refused_with_the_ridge_hint():
 def test_factor_cached_beside_C0_and_verified_against_it(tmp_path, monkeypatch, caplog):
     """c0_factor stores L next to C0 (same key), reads it back, and refactorizes when the C0 it was made from
     has changed on disk."""
-    from safetensors.torch import load_file, save_file
-
-    from editkit.stats import c0_factor
+    from editkit.stats import c0_factor, load_cached_c0, save_cached_c0
     from editkit.testing import TINY_TEXT, tiny_lm
 
     monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path))
@@ -113,8 +111,8 @@ def test_factor_cached_beside_C0_and_verified_against_it(tmp_path, monkeypatch, 
     G = c0_factor(lm, 1, TINY_TEXT[:40], None, ridge_eps=1e-6, progress=False)
     assert torch.equal(F.L, G.L) and G.checksum == F.checksum
     c0_path = next(p for p in (tmp_path / "stats").iterdir() if p.suffix == ".safetensors" and ".chol-" not in p.name)
-    C0 = load_file(str(c0_path))["C0"]
-    save_file({"C0": (2 * C0).contiguous()}, str(c0_path))  # the cached C0 changed under the factor
+    C0, info = load_cached_c0(c0_path, lm.d_in(1))
+    save_cached_c0(c0_path, 2 * C0, info)  # the cached C0 changed (validly) under the factor
     H = c0_factor(lm, 1, TINY_TEXT[:40], None, ridge_eps=1e-6, progress=False)
     torch.testing.assert_close(H.L, F.L * 2 ** 0.5)
     assert H.checksum != F.checksum
