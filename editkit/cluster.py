@@ -273,7 +273,8 @@ class Ray:
     ``max_restarts``: how often Ray restarts a dead actor; ``max_attempts``: how often a
     unit whose worker died is tried before the run stops with an error; ``start_timeout``:
     seconds to wait for the workers to load the model (a cluster without the resources
-    asked for fails then, instead of waiting forever).
+    asked for fails then, instead of waiting forever); ``start_attempts``: tries to start
+    a local Ray (its raylet exits when its agent is slow to start on a crowded machine).
     """
 
     address: str | None = None
@@ -285,6 +286,7 @@ class Ray:
     max_attempts: int = 3
     object_store_mb: int = 128
     start_timeout: float = 600.0
+    start_attempts: int = 3
     runtime_env: dict | None = None
     init_kwargs: dict = field(default_factory=dict)
     #: what the last run did: units done / skipped, retries after a worker died, per-worker counts
@@ -324,7 +326,7 @@ class Ray:
                 need = math.ceil(self.cpus_per_worker * (self.workers or 1))
                 kw.update(num_cpus=max(os.cpu_count() or 1, need), object_store_memory=self.object_store_mb * 2 ** 20)
             kw.update(self.init_kwargs)
-            attempts = 3 if self.address is None else 1
+            attempts = max(1, self.start_attempts) if self.address is None else 1
             for attempt in range(1, attempts + 1):
                 try:
                     ray.init(address=self.address, **kw)

@@ -53,8 +53,17 @@ def records():
 @pytest.fixture(scope="module")
 def local_ray(lm):
     """Two workers on a local Ray instance started by editkit (no dashboard, small object store)."""
+    # Ray's raylet exits when its agent process takes more than ~15 s to start, which it
+    # does on a machine far busier than its cores (measured: load 15-25 on 2 cores, every
+    # try failed after ~90 s). There the module skips at once, naming the load, rather than
+    # spend minutes of a shared machine failing; on a machine at ordinary load (CI) it runs.
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 4 * cores and not os.environ.get("EDITKIT_CLUSTER_TESTS"):
+        pytest.skip(f"machine too crowded to start Ray (load {load:.0f} on {cores} cores; the raylet gives its "
+                    "agent ~15 s): run this file at ordinary load, as CI does, or force with EDITKIT_CLUSTER_TESTS=1")
     cl = ekc.Ray(workers=2, object_store_mb=80)
-    assert len(cl.start(lm)) == 2
+    started = cl.start(lm)
+    assert len(started) == 2
     yield cl
     cl.shutdown()
     assert not ray.is_initialized()
@@ -74,7 +83,7 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame, key: list[str], drop: tuple[str
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
-def test_layer_and_batch_sweep_match_the_serial_run(lm, records, serial_layer, local_ray, tmp_path):
+def test_layer_and_batch_sweep_match_the_serial_run(local_ray, lm, records, serial_layer, tmp_path):
     dist = experiments.layer_sweep(lm, records, run_dir=tmp_path / "layer", cluster=local_ray, progress=False,
                                    **LAYER_ARGS)
     assert len(dist) == len(serial_layer) > 0
@@ -101,7 +110,7 @@ def test_layer_and_batch_sweep_match_the_serial_run(lm, records, serial_layer, l
     _same_rows(dist, again, ["phase", "method", "reg", "batch_size", "case_id", "kind", "prompt_index"])
 
 
-def test_a_worker_killed_mid_unit_loses_and_duplicates_nothing(lm, records, serial_layer, local_ray, tmp_path):
+def test_a_worker_killed_mid_unit_loses_and_duplicates_nothing(local_ray, lm, records, serial_layer, tmp_path):
     run = tmp_path / "killed"
     out: dict = {}
 
@@ -140,7 +149,7 @@ def test_a_worker_killed_mid_unit_loses_and_duplicates_nothing(lm, records, seri
     assert killed[1] not in {w["pid"] for w in local_ray.workers_info()}
 
 
-def test_a_unit_error_names_the_unit_and_carries_the_remote_traceback(lm, records, local_ray, tmp_path):
+def test_a_unit_error_names_the_unit_and_carries_the_remote_traceback(local_ray, lm, records, tmp_path):
     bad = dict(LAYER_ARGS, layers=[0], editor_kwargs=dict(FAST, corpus="/nonexistent/corpus.txt"))
     with pytest.raises(ekc.UnitError) as info:
         experiments.layer_sweep(lm, records, run_dir=tmp_path / "bad", cluster=local_ray, progress=False, **bad)
