@@ -324,7 +324,10 @@ class Ray:
                 # Enough logical CPUs for every worker even on a small machine (the actors then
                 # share the cores, which is the user's call); GPUs are detected by Ray.
                 need = math.ceil(self.cpus_per_worker * (self.workers or 1))
-                kw.update(num_cpus=max(os.cpu_count() or 1, need), object_store_memory=self.object_store_mb * 2 ** 20)
+                # A local cluster talks over loopback only: Ray would otherwise bind its services to the
+                # machine's network address.
+                kw.update(num_cpus=max(os.cpu_count() or 1, need), object_store_memory=self.object_store_mb * 2 ** 20,
+                          _node_ip_address="127.0.0.1")
             kw.update(self.init_kwargs)
             attempts = max(1, self.start_attempts) if self.address is None else 1
             for attempt in range(1, attempts + 1):
