@@ -539,14 +539,18 @@ def _fit_slope(xs: list[float], ys: list[float]) -> float | None:
 
 
 def solve_curves(entries: list[dict]) -> dict:
-    """{(method, path, d_in): [(E, seconds, peak RSS MB)]} from the paper solve entries."""
+    """{(method, path, d_in): [(E, CPU seconds, solve memory MB)]} from the paper solve entries.
+
+    Solve memory = the matrix the worker loaded (L or C0, d_in² float64) + the peak RSS the solve added
+    on top of it: what the solve needs, without the interpreter's own ~300 MB."""
     curves: dict = {}
     for e in _solves(entries):
         p = e["params"]
         for side, path in (("ours", "cached factor"), ("baseline", "direct")):
             r = e.get(side)
             if r and "s" in r:
-                curves.setdefault((p["method"], path, p["d_in"]), []).append((p["E"], r["s"], r["peak_rss_mb"]))
+                mem = r["peak_rss_delta_mb"] + p["d_in"] ** 2 * 8 / 2 ** 20
+                curves.setdefault((p["method"], path, p["d_in"]), []).append((p["E"], r["s"], mem))
     return {k: sorted(v) for k, v in curves.items()}
 
 
@@ -564,6 +568,7 @@ def slopes(entries: list[dict]) -> dict:
             out["vs_E"][f"{method} {path}"] = {"time": _fit_slope([p[0] for p in sel], [p[1] for p in sel]),
                                                "E": [p[0] for p in sel]}
     widths = sorted({k[2] for k in curves})
+    widths = widths[1:] if len(widths) > 2 else widths  # the smallest width is call overhead, not arithmetic
     for method in ("MEMIT", "EMMET"):
         for path in ("cached factor", "direct"):
             for E in (16, 1024):
@@ -613,9 +618,9 @@ def plot_paper(entries: list[dict], path: Path) -> Path | None:
         a.set_yscale("log")
         a.grid(True, which="both", alpha=0.3)
     ax[0, 0].set(title=f"Δ solve time vs batch size E (d_in = {big:,})", xlabel="E (edits per batch)", ylabel="s")
-    ax[1, 0].set(title=f"peak RSS of the solve process vs E (d_in = {big:,})", xlabel="E", ylabel="GiB")
+    ax[1, 0].set(title=f"solve memory (L or C0 + peak working) vs E (d_in = {big:,})", xlabel="E", ylabel="GiB")
     ax[0, 1].set(title="Δ solve time vs MLP width d_in", xlabel="d_in", ylabel="s")
-    ax[1, 1].set(title="peak RSS vs d_in", xlabel="d_in", ylabel="GiB")
+    ax[1, 1].set(title="solve memory vs d_in", xlabel="d_in", ylabel="GiB")
     for a in ax[:, 1]:
         a.set_xticks(widths)
         a.set_xticklabels([f"{w:,}" for w in widths])
@@ -637,7 +642,7 @@ def llama3_8b_params(dims: dict = LLAMA3_8B) -> int:
 
 
 def memory_budget(entries: list[dict], edit_layers: int = 5, value_layer: int = 8, E: int = 4096,
-                  chunks: tuple[int, ...] = (4096, 256, 64)) -> dict:
+                  chunks: tuple[int, ...] = (4096, 256, 64, 32)) -> dict:
     """GPU memory of a 4096-fact MEMIT edit of the full Llama-3-8B, from the measured parts (GiB).
 
     * weights: the parameter count in bfloat16 (checked against the measured 2-layer model);
@@ -662,7 +667,13 @@ def memory_budget(entries: list[dict], edit_layers: int = 5, value_layer: int = 
     sol = by[f"paper solve MEMIT d_in={d} E={E}"]
     KR = (d * E + h * E) * 8 / GiB
     solve_cached = sol["ours"]["peak_rss_delta_mb"] / 1024 + KR
-    solve_direct = (sol["baseline"]["peak_rss_delta_mb"] / 1024 + KR) if sol.get("baseline") else None
+    # the direct solve's working set beyond C0 (λC0 + KKᵀ, its factor, temporaries) barely depends on E: taken at
+    # the largest E it was measured at, plus K and R of this E
+    direct = [e for e in _solves(entries) if e["params"]["method"] == "MEMIT" and e["params"]["d_in"] == d
+              and e.get("baseline")]
+    direct_E = max((e["params"]["E"] for e in direct), default=None)
+    solve_direct = (next(e for e in direct if e["params"]["E"] == direct_E)["baseline"]["peak_rss_delta_mb"] / 1024
+                    + KR) if direct else None
     v2, v4 = by["paper values bfloat16 E=64"]["ours"], by["paper values bfloat16 E=64 4 layers"]["ours"]
     chunk = v2.get("v_chunk", 32)  # requests optimized together (on a CPU, chunks of 32)
     per_layer_req = max(v4["peak_rss_delta_mb"] - v2["peak_rss_delta_mb"], 0.0) / 2 / chunk / 1024  # GiB
@@ -676,14 +687,16 @@ def memory_budget(entries: list[dict], edit_layers: int = 5, value_layer: int = 
         "direct solve, C0 of every edited layer on the GPU (float64)":
             weights + edit_layers * f64 + (solve_direct if solve_direct is not None else 2 * f64 + KR),
         "cached factor of every edited layer on the GPU (float64)": weights + edit_layers * f64 + solve_cached,
-        "cached factor, float32, every edited layer on the GPU": weights + edit_layers * f64 / 2 + solve_cached / 2,
-        "offload: factors on the CPU, one layer's moved to the GPU for its solve (float64)":
+        "cached factor, solve_dtype='float32', every edited layer on the GPU":
+            weights + edit_layers * f64 / 2 + solve_cached / 2,
+        "offload_factor=True: factors on the CPU, one layer's on the GPU for its solve (float64)":
             weights + f64 + solve_cached,
-        "offload: factors on the CPU and the solve there": weights + KR,
+        "offload_factor=True, solve_dtype='float32'": weights + f64 / 2 + solve_cached / 2,
     }
     rows = {name: {c: base + act[c] for c in chunks} for name, base in scen.items()}
     return {"params": n_params, "weights_gib": weights, "c0_or_factor_per_layer_gib": f64, "edit_layers": edit_layers,
-            "E": E, "solve_cached_gib": solve_cached, "solve_direct_gib": solve_direct, "KR_gib": KR,
+            "E": E, "solve_cached_gib": solve_cached, "solve_direct_gib": solve_direct, "solve_direct_measured_E": direct_E,
+            "KR_gib": KR,
             "values_per_request_gib": {"fixed": fixed_req, "per_layer": per_layer_req, "layers_above": layers_above},
             "values_activations_gib": act, "weights_2_layer_bf16_measured_mb": measured_2l,
             "weights_2_layer_bf16_formula_mb": llama3_8b_params(two) * 2 / 2 ** 20, "scenarios": rows,
@@ -704,7 +717,8 @@ def budget_markdown(b: dict) -> str:
     lines += ["", f"Parts (GiB): weights {b['weights_gib']:.2f} ({b['params'] / 1e9:.3f} B parameters × 2 bytes); "
               f"C0 or its factor {b['c0_or_factor_per_layer_gib']:.2f} per edited layer (float64; {b['edit_layers']} "
               f"layers); cached solve at E={b['E']} {b['solve_cached_gib']:.2f}"
-              + (f", direct {b['solve_direct_gib']:.2f}" if b["solve_direct_gib"] is not None else "")
+              + (f", direct {b['solve_direct_gib']:.2f} (its working set measured at E={b['solve_direct_measured_E']})"
+                 if b["solve_direct_gib"] is not None else "")
               + f" (K and R {b['KR_gib']:.2f} of it); value optimization {1024 * v['per_layer']:.2f} MiB per request per "
               f"layer above the value layer ({v['layers_above']} layers) + {1024 * v['fixed']:.1f} MiB per request "
               "(LM-head logits, prefix keys/values). 'fits' leaves 1 GiB for the CUDA context."]

@@ -908,7 +908,10 @@ def render_paper(entries: list[dict], figure: Path = HERE / "paper.png") -> str 
     from paper import budget_markdown, memory_budget, plot_paper, slopes
 
     big = max((e["params"].get("d_in") or 0) for e in paper)
-    rows = [e for e in paper if e["params"].get("d_in") == big or e["section"] == "paper failed"]
+    order = {"paper solve": 0, "paper C0": 1, "paper values": 2, "paper e2e": 3}
+    rows = sorted([e for e in paper if e["params"].get("d_in") == big or e["section"] == "paper failed"],
+                  key=lambda e: (order.get(e["section"], 9), {"MEMIT": 0, "EMMET": 1}.get(e["params"].get("method"), 2),
+                                 e["params"].get("dtype") or "", e["params"].get("n_layer") or 0, e["params"].get("E") or 0))
     table = markdown_table(rows, paper[0]["machine"]).split("\n\nMachine:")[0]
     fig = plot_paper(paper, figure)
     sl = slopes(paper)
@@ -920,7 +923,7 @@ def render_paper(entries: list[dict], figure: Path = HERE / "paper.png") -> str 
         lines.append("Slopes (log-log least squares; time ∝ E^slope at d_in = "
                      f"{big:,}; cached factor over E ≥ 256, direct over E ≥ 16): " + "; ".join(f"{k} {fmt(v['time'])}" for k, v in sl["vs_E"].items()) + ".")
     if sl["vs_width"]:
-        lines.append("Slopes against d_in (time ∝ d_in^slope, peak memory ∝ d_in^slope, over "
+        lines.append("Slopes against d_in (time ∝ d_in^slope, solve memory ∝ d_in^slope, over "
                      f"{', '.join(str(w) for w in next(iter(sl['vs_width'].values()))['d_in'])}): "
                      + "; ".join(f"{k}: time {fmt(v['time'])}, memory {fmt(v['peak_rss'])}"
                                  for k, v in sl["vs_width"].items()) + ".")
