@@ -38,7 +38,7 @@ from .requests import EditRequest, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValueConfig", "ValueResult", "optimize_values"]
+__all__ = ["ValueConfig", "ValueResult", "ValueBatch", "optimize_values"]
 
 
 @dataclass
@@ -204,6 +204,149 @@ def _concat(parts: list[ValueResult]) -> ValueResult:
                          ("delta", "h", "nll_init", "nll_final", "steps")), history=history)
 
 
+class ValueBatch:
+    """The δ optimization of one chunk of requests: the state it carries from step to
+    step, and the step itself.
+
+    ``rows`` is the padded batch of the requests still optimizing (``idx``); ``repad()``
+    rebuilds it once half of them are frozen. ``step()`` is :meth:`objective` (forward,
+    freeze, loss) then :meth:`update` (backward, Adam, clamp). Each convention of the
+    loss is one line: the terms in :meth:`loss` (KL direction, the decay's power of
+    ‖δ‖), the stopping rule in :meth:`objective`, the KL position in ``_build``'s
+    essence rows, and the number of updates in ``optimize_values``' loop."""
+
+    def __init__(self, lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
+                 prefixes: Sequence[str], cfg: ValueConfig) -> None:
+        self.lm, self.requests, self.prefixes, self.cfg = lm, requests, prefixes, cfg
+        self.module, self.block = lm.edit_module(layer), lm.block(layer)
+        self.dev = self.module.weight.device
+        self.unembed = lm.model.get_output_embeddings()
+        self.base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.cache_kwargs = _cache_kwargs(self.base)
+        self.caching = cfg.cache_prefix  # turned off for good once the model's cache turns out unusable
+        E, P = len(requests), len(prefixes)
+
+        # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
+        self.idx = torch.arange(E)
+        self.rows = self.prepare(self.idx)
+        with torch.no_grad(), capture_output(self.block) as seen:
+            hidden = self.forward()
+        h = seen[0][torch.arange(len(self.rows.col), device=seen[0].device), self.rows.col.to(seen[0].device)].float()
+        self.h = h[torch.arange(E) * P].to(self.dev)  # rows of prefix 0 (""), one per request
+        nll0, logp0 = self.terms(hidden)
+        self.nll_init, self.logp0 = nll0.detach().cpu(), logp0.detach()
+
+        self.delta = torch.zeros(E, lm.d_out(layer), device=self.dev, requires_grad=True)
+        self.opt = torch.optim.Adam([self.delta], lr=cfg.v_lr)
+        self.h_norm = self.h.norm(dim=1)
+        self.max_norm = cfg.clamp_norm_factor * self.h_norm
+        self.active = torch.ones(E, dtype=torch.bool)  # requests still optimizing
+        self.steps = torch.zeros(E, dtype=torch.long)  # steps each request took
+        self.nll = self.nll_init.clone()  # latest NLL of target_new per request
+        self.history: list[float] = []  # total loss per step
+        self.n_steps = 0
+        self.needs_repad = False
+
+    # --- the padded rows ----------------------------------------------------
+    def prepare(self, idx: torch.Tensor) -> _Rows:
+        """The padded rows of requests ``idx``, cut at the subject's last token (when caching)."""
+        lm = self.lm
+        batch, owner, targets = _build(lm, [self.requests[i] for i in idx.tolist()], self.prefixes,
+                                       self.cfg.essence_template)
+        cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
+        cut = cols if self.caching else torch.zeros_like(cols)
+        (pre, pre_m, pre_pos), tail = _cut(batch, cut, self.pad_id)
+        kv = _prefix_kv(self.base, pre.to(lm.device), pre_m.to(lm.device), pre_pos.to(lm.device), lm.n_layers)
+        if kv is None and cut.any():  # the model cannot reuse them: recompute whole prompts, now and later
+            self.caching = False
+            cut = torch.zeros_like(cols)
+            tail = _cut(batch, cut, self.pad_id)[1]
+        t_row, t_pos, t_ids, ess_rows, ess_pos = targets
+        targets = (t_row, t_pos - cut[t_row], t_ids, ess_rows, ess_pos - cut[ess_rows])
+        tail_ids, mask, tail_pos = (t.to(lm.device) for t in tail)
+        return _Rows(tail_ids, mask, tail_pos, kv, cols - cut, idx[owner].to(self.dev), targets)
+
+    def repad(self) -> None:
+        """Rebuild the padded batch with the requests still optimizing."""
+        self.idx = torch.nonzero(self.active).flatten()
+        self.rows = self.prepare(self.idx)
+        self.needs_repad = False
+
+    # --- one step -----------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        r = self.rows
+        return self.base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos,
+                         **self.cache_kwargs(r.kv)).last_hidden_state
+
+    def adding_delta(self):
+        r = self.rows
+        return add_at_positions(self.module, torch.arange(len(r.col)), r.col, lambda: self.delta[r.owner])
+
+    def terms(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-request NLL of target_new (mean over prefixes) and essence log-probs of the rows."""
+        n, P = len(self.idx), len(self.prefixes)
+        nll_rows, ess = _per_row_terms(hidden, self.unembed, self.rows.targets, n * P)
+        return nll_rows.view(n, P).mean(1).to(self.dev), ess.to(self.dev)
+
+    def loss(self, nll: torch.Tensor, ess: torch.Tensor) -> torch.Tensor:
+        """The loss of each request in ``idx``: NLL + κ·KL(P0 ‖ Pδ) + β·‖δ‖²/‖h‖²."""
+        idx, cfg = self.idx, self.cfg
+        kl = (self.logp0[idx].exp() * (self.logp0[idx] - ess)).sum(-1)  # KL(P0 ‖ Pδ), one per request
+        decay = cfg.v_weight_decay * self.delta[idx].norm(dim=1) ** 2 / self.h_norm[idx] ** 2
+        return nll + cfg.kl_factor * kl + decay
+
+    def step(self) -> None:
+        """One optimization step: score and freeze (:meth:`objective`), then update δ (:meth:`update`)."""
+        loss = self.objective()
+        if loss is not None:
+            self.update(loss)
+
+    def objective(self) -> torch.Tensor | None:
+        """Forward with δ; freeze the requests that reached ``stop_nll``; the summed loss of
+        the others (None when every request is frozen)."""
+        idx = self.idx
+        with self.adding_delta():
+            nll, ess = self.terms(self.forward())
+        self.nll[idx] = nll.detach().cpu()
+        # Requests that already reach the wanted probability stop here, as they would alone.
+        live = self.active[idx] & (self.nll[idx] >= self.cfg.stop_nll)
+        self.active[idx] = live
+        if not live.any():
+            return None
+        loss = self.loss(nll, ess)[live.to(self.dev)].sum()
+        self.history.append(loss.item())
+        return loss
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Backward, one Adam step, frozen rows put back, then ``‖δ‖ ≤ c‖h‖`` per request."""
+        self.opt.zero_grad()
+        loss.backward()
+        frozen = self.delta.detach().clone()
+        self.opt.step()
+        with torch.no_grad():
+            done = ~self.active.to(self.dev)
+            self.delta[done] = frozen[done]
+            norms = self.delta.norm(dim=1)
+            scale = torch.where(norms > self.max_norm, self.max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+            self.delta.mul_(scale[:, None])
+        self.steps += self.active.long()
+        self.n_steps += 1
+        live = int(self.active[self.idx].sum())
+        self.needs_repad = 2 * live <= len(self.idx)  # half the batch is frozen: re-pad before the next step
+
+    def measure(self) -> None:
+        """The NLL the current δ reaches for the requests still active (after the last step)."""
+        if self.active.any():
+            self.repad()
+            with torch.no_grad(), self.adding_delta():
+                self.nll[self.idx] = self.terms(self.forward())[0].cpu()
+
+    def result(self) -> ValueResult:
+        return ValueResult(delta=self.delta.detach().float(), h=self.h.detach(), nll_init=self.nll_init,
+                           nll_final=self.nll, steps=self.steps, history=self.history)
+
+
 def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
                     prefixes: Sequence[str] = ("",), cfg: ValueConfig | None = None,
                     progress: bool = False) -> ValueResult:
@@ -215,110 +358,22 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     from tqdm.auto import tqdm
 
     cfg = cfg or ValueConfig()
-    E, P = len(requests), len(prefixes)
+    E = len(requests)
     chunk = cfg.v_batch_size or (32 if lm.device.type == "cpu" else E)
     if E > chunk:  # requests are independent: chunks give the same δ as one batch
         parts = [optimize_values(lm, requests[i:i + chunk], layer, prefixes, cfg, progress)
                  for i in range(0, E, chunk)]
         return _concat(parts)
-    module, block = lm.edit_module(layer), lm.block(layer)
-    d = lm.d_out(layer)
-    dev = module.weight.device
-    unembed = lm.model.get_output_embeddings()
-    base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
-
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    cache_kwargs = _cache_kwargs(base)
-    caching = cfg.cache_prefix  # turned off for good once the model's cache turns out unusable
-
-    def prepare(idx: torch.Tensor) -> _Rows:
-        """The padded rows of requests ``idx``, cut at the subject's last token (when caching)."""
-        nonlocal caching
-        batch, owner, targets = _build(lm, [requests[i] for i in idx.tolist()], prefixes, cfg.essence_template)
-        cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
-        cut = cols if caching else torch.zeros_like(cols)
-        (pre, pre_m, pre_pos), tail = _cut(batch, cut, pad_id)
-        kv = _prefix_kv(base, pre.to(lm.device), pre_m.to(lm.device), pre_pos.to(lm.device), lm.n_layers)
-        if kv is None and cut.any():  # the model cannot reuse them: recompute whole prompts
-            caching = False
-            cut = torch.zeros_like(cols)
-            tail = _cut(batch, cut, pad_id)[1]
-        t_row, t_pos, t_ids, ess_rows, ess_pos = targets
-        targets = (t_row, t_pos - cut[t_row], t_ids, ess_rows, ess_pos - cut[ess_rows])
-        tail_ids, mask, tail_pos = (t.to(lm.device) for t in tail)
-        return _Rows(tail_ids, mask, tail_pos, kv, cols - cut, idx[owner].to(dev), targets)
-
-    def forward(r: _Rows) -> torch.Tensor:
-        return base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos, **cache_kwargs(r.kv)).last_hidden_state
-
-    def adding_delta(r: _Rows):
-        return add_at_positions(module, torch.arange(len(r.col)), r.col, lambda: delta[r.owner])
-
-    def terms(hidden, targets, n: int):
-        """Per-request NLL of target_new (mean over prefixes) and essence log-probs."""
-        nll_rows, ess = _per_row_terms(hidden, unembed, targets, n * P)
-        return nll_rows.view(n, P).mean(1).to(dev), ess.to(dev)
-
-    # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
-    idx = torch.arange(E)
-    rows = prepare(idx)
-    with torch.no_grad(), capture_output(block) as seen:
-        hidden = forward(rows)
-    h = seen[0][torch.arange(len(rows.col), device=seen[0].device), rows.col.to(seen[0].device)].float()
-    h = h[torch.arange(E) * P].to(dev)  # rows of prefix 0 (""), one per request
-    nll0, logp0 = terms(hidden, rows.targets, E)
-    nll_init, logp0 = nll0.detach().cpu(), logp0.detach()
-
-    delta = torch.zeros(E, d, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    h_norm = h.norm(dim=1)
-    max_norm = cfg.clamp_norm_factor * h_norm
-    active = torch.ones(E, dtype=torch.bool)
-    steps = torch.zeros(E, dtype=torch.long)
-    nll_req = nll_init.clone()
-    history: list[float] = []
+    state = ValueBatch(lm, requests, layer, prefixes, cfg)
     bar = tqdm(total=cfg.v_steps, desc=f"values ({E} requests)", disable=not progress, leave=False)
-    step = 0
     with no_param_grads(lm.model):
-        while step < cfg.v_steps and active.any():
-            if len(idx) > int(active.sum()):  # re-pad with the requests still optimizing
-                idx = torch.nonzero(active).flatten()
-                rows = prepare(idx)
-            n = len(idx)
-            with adding_delta(rows):
-                while step < cfg.v_steps:
-                    nll_t, ess = terms(forward(rows), rows.targets, n)
-                    nll_req[idx] = nll_t.detach().cpu()
-                    # Requests that already reach the wanted probability stop here, as they would alone.
-                    live = active[idx] & (nll_req[idx] >= cfg.stop_nll)
-                    active[idx] = live
-                    if not live.any():
-                        break
-                    kl = (logp0[idx].exp() * (logp0[idx] - ess)).sum(-1)  # KL(P0 ‖ Pδ), one per request
-                    decay = cfg.v_weight_decay * delta[idx].norm(dim=1) ** 2 / h_norm[idx] ** 2
-                    loss = (nll_t + cfg.kl_factor * kl + decay)[live.to(dev)].sum()
-                    history.append(loss.item())
-                    bar.set_postfix(loss=f"{loss.item():.3f}", active=int(live.sum()))
-                    opt.zero_grad()
-                    loss.backward()
-                    frozen = delta.detach().clone()
-                    opt.step()
-                    with torch.no_grad():
-                        done = ~active.to(dev)
-                        delta[done] = frozen[done]
-                        norms = delta.norm(dim=1)
-                        scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                        delta.mul_(scale[:, None])
-                    steps += active.long()
-                    step += 1
-                    bar.update(1)
-                    if 2 * int(live.sum()) <= n:
-                        break  # half the batch is frozen: re-pad
-        if active.any():  # out of steps: measure the NLL the final δ reaches
-            idx = torch.nonzero(active).flatten()
-            rows = prepare(idx)
-            with torch.no_grad(), adding_delta(rows):
-                nll_req[idx] = terms(forward(rows), rows.targets, len(idx))[0].cpu()
+        while state.n_steps < cfg.v_steps and state.active.any():
+            if state.needs_repad:
+                state.repad()
+            state.step()
+            if state.history and state.n_steps > bar.n:
+                bar.set_postfix(loss=f"{state.history[-1]:.3f}", active=int(state.active.sum()))
+                bar.update(1)
+        state.measure()  # out of steps: the NLL the final δ reaches
     bar.close()
-    return ValueResult(delta=delta.detach().float(), h=h.detach(), nll_init=nll_init, nll_final=nll_req,
-                       steps=steps, history=history)
+    return state.result()

@@ -407,3 +407,26 @@ def test_second_moment_accessor_is_computed_once_per_model():
     C0 = ed.second_moment(lm, 1, progress=False)
     assert ed.second_moment(lm, 1) is C0
     torch.testing.assert_close(C0, ek.second_moment(lm, 1, TINY_TEXT, n_samples=None, cache=False, progress=False))
+
+
+def test_value_batch_stepped_by_hand_is_optimize_values():
+    """ValueBatch is the public state of the δ optimization: driving it step by step (as a
+    new loss convention would) gives optimize_values' δ bit for bit, re-pads included."""
+    from editkit.values import ValueBatch
+
+    lm = tiny_lm("gpt2", n_layer=3)
+    prefixes = ek.context_prefixes(lm, 2, 4, 0)
+    start = ek.optimize_values(lm, REQS, 1, prefixes, ek.ValueConfig(v_steps=1)).nll_init.sort().values
+    cfg = ek.ValueConfig(v_steps=6, v_lr=0.5, stop_nll=float(start[1] + start[2]) / 2)  # two of three freeze
+    ref = ek.optimize_values(lm, REQS, 1, prefixes, cfg)
+    state, repads = ValueBatch(lm, REQS, 1, prefixes, cfg), 0
+    while state.n_steps < cfg.v_steps and state.active.any():
+        if state.needs_repad:
+            state.repad()
+            repads += 1
+        state.step()
+    state.measure()
+    got = state.result()
+    assert repads >= 1 and len(state.idx) == 1  # the batch was re-padded down to the one active request
+    assert torch.equal(got.delta, ref.delta) and torch.equal(got.steps, ref.steps)
+    assert torch.equal(got.nll_final, ref.nll_final) and got.history == ref.history
