@@ -36,8 +36,8 @@ from .requests import EditRequest, RequestError, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "summarize", "score_targets", "TargetScores", "generation_metrics", "ngram_entropy",
-           "KINDS", "FRAME_COLUMNS", "METRICS"]
+__all__ = ["evaluate", "summarize", "score_targets", "TargetScores", "token_logprobs", "edit_success",
+           "generation_metrics", "ngram_entropy", "KINDS", "FRAME_COLUMNS", "METRICS"]
 
 #: Prompt kinds :func:`evaluate` scores, in row order.
 KINDS = ("rewrite", "paraphrase", "neighborhood")
@@ -64,6 +64,22 @@ class TargetScores:
     top1: np.ndarray
     acc: np.ndarray
     n_tokens: np.ndarray
+
+
+def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                   ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log P(ids[i])`` read at ``logits[rows[i], pos[i]]`` (the position that predicts
+    token ``i``), and whether it is the argmax there. The one scorer of target tokens
+    (evaluate, the widgets, the world report, causal tracing): the log-softmax runs in
+    float32 at those positions only."""
+    picked = logits[rows, pos].float()  # (tokens, vocab)
+    return picked.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1), picked.argmax(-1) == ids
+
+
+def edit_success(nll_new: np.ndarray, nll_true: np.ndarray, neighborhood: np.ndarray | bool) -> np.ndarray:
+    """The one success rule (metrics.md): on rewrite and paraphrase prompts the new object
+    is more likely than the true one; on neighborhood prompts the true one stays more likely."""
+    return np.where(neighborhood, nll_true < nll_new, nll_new < nll_true)
 
 
 def _pair_text(prompt: str, target: str) -> tuple[str, tuple[int, int]]:
@@ -109,12 +125,8 @@ def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], batch_siz
             rows += [b] * len(toks)
             pos += [t - 1 for t in toks]
             tgt += batch.input_ids[b, toks].tolist()
-        rows_t = torch.tensor(rows, device=logits.device)
-        pos_t = torch.tensor(pos, device=logits.device)
-        tgt_t = torch.tensor(tgt, device=logits.device)
-        picked = logits[rows_t, pos_t].float()  # (tokens, vocab)
-        logp = picked.log_softmax(-1).gather(-1, tgt_t[:, None]).squeeze(-1).double().cpu().numpy()
-        hit = (picked.argmax(-1) == tgt_t).cpu().numpy()
+        lp, hit = token_logprobs(logits, *(torch.tensor(x, device=logits.device) for x in (rows, pos, tgt)))
+        logp, hit = lp.double().cpu().numpy(), hit.cpu().numpy()
         start = 0
         for b, spans in enumerate(batch.spans):
             m = len(spans[0])
@@ -229,7 +241,7 @@ def evaluate(lm: LanguageModel, records: Iterable[Any], *, batch_size: int = 64,
     frame["nll_new"], frame["nll_true"] = scores.nll[:n], scores.nll[n:]
     frame["p_new"], frame["p_true"] = np.exp(-scores.nll[:n]), np.exp(-scores.nll[n:])
     neighborhood = (frame["kind"] == "neighborhood").to_numpy()
-    success = np.where(neighborhood, scores.nll[n:] < scores.nll[:n], scores.nll[:n] < scores.nll[n:])
+    success = edit_success(scores.nll[:n], scores.nll[n:], neighborhood)
     missing = np.isnan(scores.nll[:n]) | np.isnan(scores.nll[n:])
     frame["success"] = pd.array(np.where(missing, None, success), dtype="boolean") if missing.any() else success
     frame["top1_new"], frame["top1_true"] = scores.top1[:n], scores.top1[n:]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .hooks import add_at_positions
+from .metrics import token_logprobs
 from .models import LanguageModel
 from .requests import RequestError, tokenize_spans, with_target
 
@@ -92,11 +93,10 @@ def _scores(lm: LanguageModel, ids: torch.Tensor, tgt: list[int], subj: list[int
             for module, states in zip(site, clean_states):
                 stack.enter_context(add_at_positions(module, rows, cols, states, replace=True))
         logits = lm.model(input_ids=batch, attention_mask=torch.ones_like(batch)).logits.float()
-    logp = logits.log_softmax(-1)
-    pos = torch.tensor(tgt)
-    tok = batch[0, pos].cpu()
-    lp = logp[:, pos - 1, :].cpu().gather(2, tok.view(1, -1, 1).expand(n_rows, -1, 1)).squeeze(-1)
-    return lp.mean(1).exp()
+    pos = torch.tensor(tgt, device=logits.device)
+    copy = torch.arange(n_rows, device=logits.device).repeat_interleave(len(tgt))
+    lp = token_logprobs(logits, copy, (pos - 1).repeat(n_rows), batch[0, pos].repeat(n_rows))[0]
+    return lp.view(n_rows, len(tgt)).cpu().mean(1).exp()
 
 
 def _noise(lm: LanguageModel, n: int, n_subj: int, scale: float, seed: int) -> torch.Tensor:

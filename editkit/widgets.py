@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ipywidgets as widgets
+import numpy as np
 import torch
 
 from .editors import METHODS, Edit, EditError, Editor, make_editor, preset_for
+from .metrics import edit_success, score_targets
 from .models import LanguageModel
-from .requests import EditRequest, RequestError, tokenize_spans, with_target
+from .requests import EditRequest, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -88,24 +90,10 @@ def next_token_topk(lm: LanguageModel, text: str, k: int = 10) -> list[tuple[str
     return [(lm.tokenizer.decode([i]), p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
 
 
-@torch.no_grad()
 def target_nll(lm: LanguageModel, prompts: Sequence[str], target: str) -> list[float]:
-    """Per-token mean NLL of `` target`` after each prompt (teacher forcing, one padded batch).
-
-    Target tokens are located from character offsets, as everywhere in editkit, so
-    tokenizers that merge the leading space or add BOS are handled.
-    """
-    if not prompts:
-        return []
-    pairs = [with_target(p, target) for p in prompts]
-    texts, spans = [t for t, _ in pairs], [[s] for _, s in pairs]
-    batch = tokenize_spans(lm.tokenizer, texts, spans, max_positions=lm.max_positions).to(lm.device)
-    logp = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float().log_softmax(-1)
-    out = []
-    for i, sp in enumerate(batch.spans):
-        toks = [t for t in sp[0] if t > 0]
-        out.append(-sum(logp[i, t - 1, batch.input_ids[i, t]].item() for t in toks) / max(len(toks), 1))
-    return out
+    """Per-token mean NLL of `` target`` after each prompt: :func:`editkit.metrics.score_targets`,
+    so the explorer scores exactly as ``evaluate`` does (same span rule, same scorer)."""
+    return score_targets(lm, [(p, target) for p in prompts], progress=False).nll.tolist() if prompts else []
 
 
 # --------------------------------------------------------------------------- records
@@ -556,15 +544,15 @@ def _field_of(message: str, default: str | None) -> str | None:
 
 
 def _scores(nll: dict[str, dict[str, list[float]]]) -> dict[str, float | None]:
-    """ES/PS/NS from NLL comparisons (docs/metrics.md); None without a true target or prompts."""
-    def frac(kind: str, better: str, worse: str) -> float | None:
+    """ES/PS/NS: the share of prompts where :func:`editkit.metrics.edit_success` holds; None
+    without a true target or prompts."""
+    def frac(kind: str) -> float | None:
         by = nll[kind]
         if "true" not in by or not by["new"]:
             return None
-        return sum(b < w for b, w in zip(by[better], by[worse])) / len(by["new"])
+        return float(edit_success(np.array(by["new"]), np.array(by["true"]), kind == "neighborhood").mean())
 
-    return {"ES": frac("rewrite", "new", "true"), "PS": frac("paraphrase", "new", "true"),
-            "NS": frac("neighborhood", "true", "new")}
+    return {"ES": frac("rewrite"), "PS": frac("paraphrase"), "NS": frac("neighborhood")}
 
 
 def _topk_figure(rec: AppliedEdit) -> Any:

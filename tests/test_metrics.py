@@ -286,3 +286,39 @@ def test_summarize_keeps_datasets_sharing_case_ids_apart():
     assert s.loc["ES", "n"] == 10 and s.loc["ES", "value"] == 0.5
     by = summarize(frame, n_boot=0, by="dataset").set_index(["dataset", "metric"])
     assert by.loc[("counterfact", "ES"), "value"] == 1.0 and by.loc[("zsre-mend", "ES"), "n"] == 5
+
+
+# --------------------------------------------------------------------------- one scorer
+
+def test_widgets_world_report_and_tracing_score_as_evaluate():
+    """The explorer's NLLs and ES/PS/NS, the world's fact accuracy and causal tracing's
+    clean probability are evaluate's numbers: one span rule, one scorer."""
+    from editkit.requests import RequestError
+    from editkit.tracing import causal_trace
+    from editkit.widgets import _scores, target_nll
+    from editkit.world import fact_accuracy
+
+    lm = tiny_lm("gpt2")
+    rec = RECORDS[0]
+    frame = evaluate(lm, RECORDS, progress=False)
+    mine = frame[frame.case_id == 0]
+    kinds = {k: list(mine[mine.kind == k].prompt) for k in ("rewrite", "paraphrase", "neighborhood")}
+    true = {k: list(mine[mine.kind == k].target_true)[0] for k in kinds}
+    nll = {k: {"new": target_nll(lm, ps, rec.request.target_new), "true": target_nll(lm, ps, true[k])}
+           for k, ps in kinds.items()}
+    for k in kinds:
+        assert nll[k]["new"] == list(mine[mine.kind == k].nll_new) and nll[k]["true"] == list(mine[mine.kind == k].nll_true)
+    assert _scores(nll) == {m: float(mine[mine.kind == k].success.mean())
+                            for m, k in (("ES", "rewrite"), ("PS", "paraphrase"), ("NS", "neighborhood"))}
+    with pytest.raises(RequestError, match="first token"):  # the widget no longer drops such a token silently
+        target_nll(lm, [""], "Paris")
+
+    raw = [{"requested_rewrite": {"prompt": r.request.prompt, "subject": r.request.subject,
+                                  "target_new": {"str": r.request.target_new}, "target_true": {"str": r.request.target_true}},
+            "paraphrase_prompts": r.paraphrase_prompts} for r in RECORDS]
+    rewrite, para = frame[frame.kind == "rewrite"], frame[frame.kind == "paraphrase"]
+    assert fact_accuracy(lm.model, lm.tokenizer, raw) == (rewrite.nll_true < rewrite.nll_new).mean()
+    assert fact_accuracy(lm.model, lm.tokenizer, raw, which="paraphrase") == (para.nll_true < para.nll_new).mean()
+
+    trace = causal_trace(lm, rec.request.prompt, rec.request.subject, rec.request.target_true, samples=1)
+    assert trace.attrs["clean"] == pytest.approx(float(mine[mine.kind == "rewrite"].p_true.iloc[0]), rel=1e-5)

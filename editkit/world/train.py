@@ -214,44 +214,27 @@ def _peak_rss_gib() -> float:
     return kb / 2**30 if sys.platform == "darwin" else kb / 2**20  # bytes on macOS, KiB on Linux
 
 
-@torch.no_grad()
-def _target_nll(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Teacher-forced mean NLL of ``" " + target`` after each prompt (offset-located)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        P, Tg = prompts[i:i + batch_size], targets[i:i + batch_size]
-        texts = [p + " " + t for p, t in zip(P, Tg)]
-        enc = tokenizer(texts, return_offsets_mapping=True, padding=True, return_tensors="pt")
-        logp = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().log_softmax(-1)
-        for k, p in enumerate(P):
-            offs = enc["offset_mapping"][k].tolist()
-            n = int(enc["attention_mask"][k].sum())
-            pos = [j for j in range(n) if offs[j][1] > offs[j][0] and offs[j][1] > len(p)]
-            ids = enc["input_ids"][k, pos]
-            out.append(-logp[k, torch.tensor(pos) - 1, ids].mean().item())
-    return torch.tensor(out)
-
-
 def fact_accuracy(model, tokenizer, records: Sequence[dict], which: str = "rewrite") -> float:
     """Fraction of prompts where the true object is more likely than the counterfactual
-    (teacher-forced NLL), on the rewrite prompts or the paraphrase prompts."""
-    prompts, trues, news = [], [], []
+    (teacher-forced NLL, scored by :func:`editkit.metrics.score_targets`), on the rewrite
+    prompts or the paraphrase prompts."""
+    from ..metrics import score_targets
+    from ..models import LanguageModel
+
+    pairs_true, pairs_new = [], []
     for r in records:
         rw = r["requested_rewrite"]
         ps = [rw["prompt"].format(rw["subject"])] if which == "rewrite" else list(r["paraphrase_prompts"])
-        for p in ps:
-            prompts.append(p)
-            trues.append(rw["target_true"]["str"])
-            news.append(rw["target_new"]["str"])
-    tok = tokenizer
-    side = tok.padding_side
-    tok.padding_side = "right"
+        pairs_true += [(p, rw["target_true"]["str"]) for p in ps]
+        pairs_new += [(p, rw["target_new"]["str"]) for p in ps]
+    side = tokenizer.padding_side
     try:
-        a = _target_nll(model, tok, prompts, trues)
-        b = _target_nll(model, tok, prompts, news)
+        lm = LanguageModel(model=model, tokenizer=tokenizer, name="world")
+        nll = score_targets(lm, pairs_true + pairs_new, batch_size=256, progress=False).nll
     finally:
-        tok.padding_side = side
-    return float((a < b).float().mean())
+        tokenizer.padding_side = side
+    n = len(pairs_true)
+    return float((nll[:n] < nll[n:]).mean())  # the true object is the more likely one
 
 
 def save_world(world: World, path: Path) -> None:
