@@ -8,23 +8,41 @@
 """
 import logging as _logging
 
+from ._version import __version__
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
+from .data.corpus import CorpusUnavailableError
 from .editors import (EMMET, MEMIT, METHODS, ROME, Edit, EditError, Editor, available_presets, make_editor,
                       preset_for, register)
-from .keys import context_prefixes, hidden_at_subject, keys
+from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .metrics import evaluate, summarize
 from .models import (ADAPTERS, Adapter, LanguageModel, ModelSpec, ModelUnavailableError, UnknownArchitectureError,
                      load_model)
 from .requests import EditRequest, RequestError
 from .solver import SingularSystemError, solve
-from .stats import CorpusUnavailableError, second_moment
+from .stats import second_moment
 from .values import ValueConfig, optimize_values
 
-__version__ = "0.1.0"
+#: What ``import editkit as ek`` promises.
+__all__ = [
+    # models and requests
+    "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError", "UnknownArchitectureError",
+    "EditRequest", "RequestError",
+    # editing
+    "Editor", "ROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "Edit", "EditError",
+    "available_presets", "preset_for",
+    # the steps of an edit
+    "second_moment", "CorpusUnavailableError", "compute_keys", "context_prefixes", "hidden_at_subject",
+    "ValueConfig", "optimize_values", "solve", "SingularSystemError",
+    # data and scores
+    "load_counterfact", "load_zsre", "CounterFactRecord", "ZsreRecord", "DatasetUnavailableError",
+    "evaluate", "summarize", "heldout_texts",
+]
+# Submodules are reached as ek.<name>: ek.experiments, ek.plots, ek.widgets, ek.tracing, ek.world, ek.metrics,
+# ek.data, ek.cluster, ek.paths, ek.keys (the module; its function is ek.compute_keys).
 
 # Submodules users reach as ek.experiments, ek.plots, ek.widgets (imported lazily: plots and
 # widgets pull in matplotlib/ipywidgets, which a headless editing job does not need).
-_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster"}
+_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster", "paths"}
 
 
 def __getattr__(name):

@@ -27,11 +27,12 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
-from .keys import context_prefixes, hidden_at_subject, keys
+from .data.corpus import corpus_name
+from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .models import LanguageModel
 from .requests import EditRequest, RequestError
 from .solver import C0Factor, ridge, solve
-from .stats import c0_factor, corpus_name, second_moment
+from .stats import c0_factor, second_moment
 from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ class Editor:
         dtype = getattr(torch, self.solve_dtype)
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
-            K = keys(lm, reqs, layer, prefixes)
+            K = compute_keys(lm, reqs, layer, prefixes)
             H = hidden_at_subject(lm, reqs, top)
             R = (Z.cpu() - H).T / (len(layers) - i)  # this layer's share of what is left
             W = lm.weight(layer)

@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .cluster import Unit, run_units
-from .editors import METHODS, Editor, make_editor
+from .editors import Editor, make_editor
 from .hooks import restored_weights
 from .models import LanguageModel
 
@@ -459,7 +459,7 @@ def heldout_texts(source: str = "world", n: int = 200, seed: int = 0) -> list[st
     embedded world, else ``n`` documents of wikitext-103's test split (Hub)."""
     import random
 
-    from .stats import HubCorpus, iter_corpus
+    from .data.corpus import HubCorpus, iter_corpus
 
     if str(source).startswith("world"):
         from .world import world_corpus

@@ -8,12 +8,14 @@ import os
 import socket
 from urllib.parse import urlparse
 
+from .paths import hub_offline
+
 __all__ = ["hub_reachable", "hub_offline_reason"]
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hub endpoint accepts a TCP connection within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -25,6 +27,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def hub_offline_reason() -> str:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
     return f"{endpoint} is not reachable from this machine"

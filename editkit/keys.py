@@ -14,7 +14,7 @@ from .hooks import capture_input, capture_output, stop_after
 from .models import LanguageModel
 from .requests import EditRequest, tokenize_spans
 
-__all__ = ["context_prefixes", "keys", "hidden_at_subject"]
+__all__ = ["context_prefixes", "compute_keys", "hidden_at_subject"]
 
 
 @torch.no_grad()
@@ -56,8 +56,8 @@ def _prefixed(requests: Sequence[EditRequest], prefixes: Sequence[str]):
 
 
 @torch.no_grad()
-def keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str] = ("",),
-         batch_size: int = 64) -> torch.Tensor:
+def compute_keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str] = ("",),
+                 batch_size: int = 64) -> torch.Tensor:
     """``K`` (d_in × E): each request's key averaged over ``prefixes``."""
     texts, spans = _prefixed(requests, prefixes)
     module = lm.edit_module(layer)
@@ -71,6 +71,10 @@ def keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int, prefixe
         rows.append(k[torch.arange(len(k), device=k.device), batch.last().to(k.device)].float().cpu())
     K = torch.cat(rows).view(len(requests), len(prefixes), -1).mean(dim=1)
     return K.T
+
+
+#: The old name (``editkit.keys.keys``); ``ek.keys`` is this module, so the function is ``ek.compute_keys``.
+keys = compute_keys
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ import pytest
 
 import editkit as ek
 
+pytestmark = pytest.mark.slow  # end to end; `pytest -m 'not slow'` skips it while developing
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run.py"
 HAVE_METRICS = hasattr(ek, "evaluate") and hasattr(ek, "summarize")

@@ -430,3 +430,47 @@ def test_value_batch_stepped_by_hand_is_optimize_values():
     assert repads >= 1 and len(state.idx) == 1  # the batch was re-padded down to the one active request
     assert torch.equal(got.delta, ref.delta) and torch.equal(got.steps, ref.steps)
     assert torch.equal(got.nll_final, ref.nll_final) and got.history == ref.history
+
+
+def test_one_cache_root_with_home_expanded(monkeypatch, tmp_path):
+    """World models, datasets and C0 files all live under one EDITKIT_CACHE, ``~`` expanded
+    (the world and C0 caches used to create a literal '~' folder)."""
+    from pathlib import Path
+
+    from editkit import paths, stats, world
+    from editkit.data import data_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EDITKIT_CACHE", "~/ek-cache")
+    root = tmp_path / "ek-cache"
+    assert paths.cache_root() == root == Path("~/ek-cache").expanduser()
+    assert world._root() == root / "world" and data_cache_dir() == root / "data"
+    lm = tiny_lm("gpt2", n_layer=2)
+    assert stats._cache_path(lm, 1, TINY_TEXT, None, None, 64).parent == root / "stats"
+    monkeypatch.delenv("EDITKIT_CACHE")
+    assert paths.cache_root() == tmp_path / ".cache" / "editkit"
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), ("on", True),
+                                            ("0", False), ("", False), ("false", False), ("no", False)])
+def test_hf_hub_offline_is_parsed_once_as_huggingface_hub_does(monkeypatch, value, offline):
+    from editkit import hub, paths
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert paths.hub_offline() is offline
+    if offline:
+        assert hub.hub_reachable() is False and "HF_HUB_OFFLINE" in hub.hub_offline_reason()
+
+
+def test_public_names_and_modules():
+    import editkit
+    import editkit.data.corpus
+    import editkit.experiments
+    import editkit.keys
+    import editkit.stats
+
+    assert all(hasattr(ek, name) for name in ek.__all__)
+    assert ek.keys is editkit.keys and callable(ek.compute_keys) and editkit.keys.keys is ek.compute_keys
+    assert editkit.experiments.__version__ == ek.__version__  # from editkit._version, not the package root
+    assert editkit.stats.iter_corpus is editkit.data.corpus.iter_corpus  # corpus reading lives in data/corpus.py
+    assert list(editkit.data.corpus.iter_corpus(["a", " ", "b"], n_samples=5)) == ["a", "b"]

@@ -9,6 +9,8 @@ import pytest
 
 from editkit import cli, experiments
 
+pytestmark = pytest.mark.slow  # end to end; `pytest -m 'not slow'` skips it while developing
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
+from ..paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DatasetUnavailableError", "data_cache_dir", "fetch", "read_records", "parse_all", "sample", "looks_like_path"]
@@ -36,8 +38,7 @@ class DatasetUnavailableError(RuntimeError):
 
 def data_cache_dir() -> Path:
     """``$EDITKIT_CACHE/data`` (default ``~/.cache/editkit/data``); created on demand."""
-    root = Path(os.environ.get("EDITKIT_CACHE", Path.home() / ".cache" / "editkit")).expanduser()
-    return root / "data"
+    return cache_dir("data", create=False)
 
 
 def fetch(url: str, filename: str, what: str, local_hint: str, timeout: float = DOWNLOAD_TIMEOUT) -> Path:

@@ -216,6 +216,7 @@ def _raw_records(source: Any) -> Iterable[Any]:
 def _hf_records(name: str) -> list[dict]:
     """A Hugging Face dataset copy of CounterFact (all splits concatenated, in order)."""
     from ..hub import hub_offline_reason, hub_reachable
+    from ..paths import hub_offline
 
     try:
         import datasets
@@ -223,8 +224,7 @@ def _hf_records(name: str) -> list[dict]:
         raise DatasetUnavailableError("loading a Hugging Face dataset needs the 'datasets' package") from exc
     hint = ("pass a local CounterFact JSON path, or an official name: 'counterfact', 'multi_counterfact', "
             "or 'world' for the embedded offline world")
-    offline_mode = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if not offline_mode and not hub_reachable():  # datasets would retry for minutes: fail at once
+    if not hub_offline() and not hub_reachable():  # datasets would retry for minutes: fail at once
         raise DatasetUnavailableError(
             f"cannot load the Hugging Face dataset {name!r}: {hub_offline_reason()}. With a copy in the local "
             f"Hugging Face cache, set HF_HUB_OFFLINE=1 to use it; otherwise {hint}")

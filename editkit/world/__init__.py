@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
+from ..paths import cache_dir
 from .generator import RELATIONS, SIZES, World, WorldConfig, generate_world
 from .tokenizer import train_tokenizer
 from .train import TrainConfig, build_checkpoint, fact_accuracy, save_world, train_model
@@ -57,9 +57,7 @@ def world_config(size: str = "default", **overrides) -> WorldConfig:
 
 
 def _root() -> Path:
-    root = Path(os.environ.get("EDITKIT_CACHE", Path.home() / ".cache" / "editkit")) / "world"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return cache_dir("world")
 
 
 def _settings_key(world_cfg: WorldConfig, train_cfg: TrainConfig | None = None) -> str:
