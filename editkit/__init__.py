@@ -25,8 +25,8 @@ from .values import ValueConfig, optimize_values
 #: What ``import editkit as ek`` promises.
 __all__ = [
     # models and requests
-    "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError", "UnknownArchitectureError",
-    "EditRequest", "RequestError",
+    "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError",
+    "UnknownArchitectureError", "EditRequest", "RequestError",
     # editing
     "Editor", "ROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "Edit", "EditError",
     "available_presets", "preset_for",

@@ -31,7 +31,7 @@ from .data.corpus import corpus_name
 from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .models import LanguageModel
 from .requests import EditRequest, RequestError
-from .solver import C0Factor, ridge, solve
+from .solver import C0Factor, Solution, ridge, solve
 from .stats import c0_factor, second_moment
 from .values import ValueConfig, optimize_values
 
@@ -311,6 +311,18 @@ class Editor:
     def _groups(self, reqs: list[EditRequest]) -> list[list[EditRequest]]:
         return [reqs]
 
+    # --- the two steps a method may change ---------------------------------
+    def keys(self, lm: LanguageModel, reqs: list[EditRequest], layer: int, prefixes: Sequence[str]) -> torch.Tensor:
+        """``K`` (d_in × E) the update is solved for: each request's key averaged over ``prefixes``."""
+        return compute_keys(lm, reqs, layer, prefixes)
+
+    def solve(self, K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, dtype: torch.dtype) -> Solution:
+        """``Δ`` (d_out × d_in) for keys ``K`` and residuals ``R``, from the layer's cached
+        :class:`C0Factor` or from the C0 matrix (ridge applied), solved in ``dtype``."""
+        if isinstance(C0, C0Factor):
+            return solve(K, R, C0, self.constraint, self.reg)
+        return solve(K, R, C0, self.constraint, self.reg, dtype, path="direct")
+
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
                      C0: dict[int, torch.Tensor | C0Factor], edit: Edit, progress: bool) -> None:
         diag = edit.diagnostics
@@ -328,15 +340,15 @@ class Editor:
         dtype = getattr(torch, self.solve_dtype)
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
-            K = compute_keys(lm, reqs, layer, prefixes)
+            K = self.keys(lm, reqs, layer, prefixes)
             H = hidden_at_subject(lm, reqs, top)
             R = (Z.cpu() - H).T / (len(layers) - i)  # this layer's share of what is left
             W = lm.weight(layer)
             if isinstance(C0[layer], C0Factor):  # the layer's cached factor (copied to W's device if offloaded)
-                sol = solve(K.to(W.device), R.to(W.device), C0[layer].to(W.device), self.constraint, self.reg)
+                C = C0[layer].to(W.device)
             else:
                 C = ridge(C0[layer].to(device=W.device, dtype=dtype), self.c0_ridge)
-                sol = solve(K.to(W.device), R.to(W.device), C, self.constraint, self.reg, dtype, path="direct")
+            sol = self.solve(K.to(W.device), R.to(W.device), C, dtype)
             with torch.no_grad():
                 new = (W.to(dtype) + sol.delta).to(W.dtype)
                 if not torch.isfinite(new).all():
@@ -375,7 +387,9 @@ def register(cls: type[Editor]) -> type[Editor]:
     constructor take the aliases and flat value settings :meth:`Editor.params` accepts.
 
     Use as a decorator above ``@dataclass(kw_only=True)``; a method is then one class
-    and this one line."""
+    and this one line. The class sets ``method``, ``constraint``, its ``reg`` default and
+    ``aliases``, and overrides :meth:`Editor.keys` or :meth:`Editor.solve` when it changes
+    those steps (e.g. un-prefixed keys, a projected solve)."""
     init = cls.__init__
 
     @functools.wraps(init)
