@@ -11,9 +11,10 @@ import logging as _logging
 from ._version import __version__
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
 from .data.corpus import CorpusUnavailableError
-from .editors import (EMMET, MEMIT, METHODS, ROME, Edit, EditError, Editor, available_presets, make_editor,
+from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, Edit, EditError, Editor, available_presets, make_editor,
                       preset_for, register)
 from .keys import compute_keys, context_prefixes, hidden_at_subject
+from .protocols import PROTOCOLS, Conventions
 from .metrics import evaluate, summarize
 from .models import (ADAPTERS, Adapter, LanguageModel, ModelSpec, ModelUnavailableError, UnknownArchitectureError,
                      load_model)
@@ -28,8 +29,8 @@ __all__ = [
     "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError",
     "UnknownArchitectureError", "EditRequest", "RequestError",
     # editing
-    "Editor", "ROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "Edit", "EditError",
-    "available_presets", "preset_for",
+    "Editor", "ROME", "RROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "Edit", "EditError",
+    "available_presets", "preset_for", "PROTOCOLS", "Conventions",
     # the steps of an edit
     "second_moment", "CorpusUnavailableError", "compute_keys", "context_prefixes", "hidden_at_subject",
     "ValueConfig", "optimize_values", "solve", "SingularSystemError",

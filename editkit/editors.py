@@ -30,6 +30,7 @@ import torch
 from .data.corpus import corpus_name
 from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .models import LanguageModel
+from .protocols import Conventions, conventions, sample_prefixes
 from .requests import EditRequest, RequestError
 from .solver import C0Factor, Solution, ridge, solve
 from .stats import c0_factor, second_moment
@@ -37,7 +38,7 @@ from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Editor", "ROME", "MEMIT", "EMMET", "Edit", "EditError", "METHODS", "register", "make_editor",
+__all__ = ["Editor", "ROME", "RROME", "MEMIT", "EMMET", "Edit", "EditError", "METHODS", "register", "make_editor",
            "available_presets", "preset_for"]
 
 
@@ -58,7 +59,7 @@ class Edit:
     requests: list[EditRequest] = field(repr=False)
     originals: dict[int, torch.Tensor] = field(repr=False)  # lm.weight(layer) before the edit (d_out × d_in)
     deltas: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # Δ (d_out × d_in), float32 CPU
-    keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # K (d_in × E) used at each layer
+    keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # K (d_in × E) at which R is written (ROME: k_cur)
     residuals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # R (d_out × E) at each layer
     targets: torch.Tensor | None = field(default=None, repr=False)  # Z (E × d): residual wanted at the top layer
     norms: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -146,8 +147,8 @@ class Editor:
     corpus: Any = "wikitext"  # where C0 comes from: Hub name, local path, list of strings, or "world"
     n_samples: int | None = 100_000
     max_tokens: int | None = None  # stop C0 after this many token keys (minimal precomputation)
-    n_prefixes: int = 5  # context prefixes for keys and values (plus the empty one)
-    prefix_len: int = 10
+    n_prefixes: int = 5  # protocol "editkit": context prefixes for keys and values (plus the empty one)
+    prefix_len: int = 10  # protocol "editkit": their length in sampled tokens
     seed: int = 0
     values: ValueConfig = field(default_factory=ValueConfig)
     solve_dtype: str = "float64"
@@ -158,10 +159,18 @@ class Editor:
     # Keep the factors on the CPU and copy each layer's to the weight's device only for its own solve:
     # one d_in² factor on the GPU at a time instead of one per edited layer (see README, memory budget).
     offload_factor: bool = False
+    # "reference": the study authors' conventions around the equations (the default, so the study's
+    # numbers come out of every preset); "editkit": editkit's own. See editkit.protocols and the README.
+    protocol: str | Conventions = "reference"
+    # Context prefixes to use instead of sampling them (the bare prompt is always used as well). Each is
+    # put verbatim before the prompt, so end it as the sampled ones end, with ". ".
+    prefixes: list[str] | None = None
 
     constraint: ClassVar[str]  # "equality" or "least_squares" (see solver.solve)
     method: ClassVar[str]  # the registry name
     aliases: ClassVar[dict[str, str]] = {}  # a paper's parameter name -> field
+    #: The original ROME's own conventions (prefixes, key mean, value site, denominator; see protocols.Conventions).
+    original_rome: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         layers = [self.layers] if isinstance(self.layers, int) else self.layers
@@ -169,6 +178,14 @@ class Editor:
             raise ValueError(f"layers: give a non-empty list of layer numbers, e.g. [1] or [3, 4, 5] "
                              f"(got {self.layers!r})")
         self.layers = [int(l) for l in layers]
+        conventions(self.protocol)  # an unknown protocol fails here, naming the choices
+        if self.prefixes is not None:
+            if isinstance(self.prefixes, str) or not all(isinstance(p, str) for p in self.prefixes):
+                raise ValueError("prefixes: give a list of strings, e.g. ['The weather was fine. ', 'I said. ']")
+            bad = [p for p in self.prefixes if "{" in p or "}" in p]
+            if bad:
+                raise ValueError(f"prefixes: {bad[0]!r} contains braces, which would break the prompt template")
+            self.prefixes = list(self.prefixes)
 
     # --- configuration ----------------------------------------------------
     @property
@@ -311,25 +328,53 @@ class Editor:
     def _groups(self, reqs: list[EditRequest]) -> list[list[EditRequest]]:
         return [reqs]
 
+    def context(self, lm: LanguageModel) -> list[str]:
+        """The context prefixes of keys and values, the bare prompt ``""`` first: ``prefixes``
+        if given, else sampled from the model as the protocol says. Sampled once per model and
+        kept on it, so a sequence of edits keeps the prefixes of the unedited model, as the
+        reference does (it samples them on its first edit and caches them for the process)."""
+        if self.prefixes is not None:
+            return ["", *self.prefixes]
+        conv = conventions(self.protocol)
+        spec = conv.rome_prefixes if self.original_rome else conv.prefixes
+        if spec is None:
+            return context_prefixes(lm, self.n_prefixes, self.prefix_len, self.seed)
+        key = ("prefixes", spec, self.seed)
+        if key not in lm.cache:
+            lm.cache[key] = ["", *sample_prefixes(lm, spec, self.seed)]
+        return lm.cache[key]
+
+    @property
+    def solve_reg(self) -> float:
+        """The λ handed to the solver (EMMET: w·λ_E)."""
+        return self.reg
+
     # --- the two steps a method may change ---------------------------------
     def keys(self, lm: LanguageModel, reqs: list[EditRequest], layer: int, prefixes: Sequence[str]) -> torch.Tensor:
-        """``K`` (d_in × E) the update is solved for: each request's key averaged over ``prefixes``."""
-        return compute_keys(lm, reqs, layer, prefixes)
+        """``K`` (d_in × E) the update is solved for: each request's key averaged over ``prefixes``,
+        flat or as the mean of the bare and the prefixed group means, as the protocol says."""
+        conv = conventions(self.protocol)
+        return compute_keys(lm, reqs, layer, prefixes, mean=conv.rome_key_mean if self.original_rome else conv.key_mean)
 
-    def solve(self, K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, dtype: torch.dtype) -> Solution:
+    def solve(self, K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, dtype: torch.dtype,
+              K_cur: torch.Tensor | None = None) -> Solution:
         """``Δ`` (d_out × d_in) for keys ``K`` and residuals ``R``, from the layer's cached
-        :class:`C0Factor` or from the C0 matrix (ridge applied), solved in ``dtype``."""
+        :class:`C0Factor` or from the C0 matrix (ridge applied), solved in ``dtype``; ``K_cur``:
+        the original ROME's denominator keys (see solver.push_through_delta)."""
         if isinstance(C0, C0Factor):
-            return solve(K, R, C0, self.constraint, self.reg)
-        return solve(K, R, C0, self.constraint, self.reg, dtype, path="direct")
+            return solve(K, R, C0, self.constraint, self.solve_reg, K_cur=K_cur)
+        return solve(K, R, C0, self.constraint, self.solve_reg, dtype, path="direct", K_cur=K_cur)
 
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
                      C0: dict[int, torch.Tensor | C0Factor], edit: Edit, progress: bool) -> None:
         diag = edit.diagnostics
-        prefixes = context_prefixes(lm, self.n_prefixes, self.prefix_len, self.seed)
+        conv, rome = conventions(self.protocol), self.original_rome
+        prefixes = self.context(lm)
+        site = conv.rome_site if rome else "block"  # where δ and its reference vector h live
         top = layers[-1]
         t0 = time.perf_counter()
-        val = optimize_values(lm, reqs, top, prefixes, self.values, progress=progress)
+        values = dataclasses.replace(self.values, conventions=self.protocol, site=site)
+        val = optimize_values(lm, reqs, top, prefixes, values, progress=progress)
         diag.setdefault("nll_init", []).extend(val.nll_init.tolist())
         diag.setdefault("nll_final", []).extend(val.nll_final.tolist())
         diag.setdefault("value_steps", []).extend(val.steps.tolist())
@@ -341,20 +386,24 @@ class Editor:
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
             K = self.keys(lm, reqs, layer, prefixes)
-            H = hidden_at_subject(lm, reqs, top)
+            # The original ROME divides by k_curᵀC0⁻¹k*, k_cur being the key of the un-prefixed prompt.
+            K_cur = compute_keys(lm, reqs, layer, [""]) if rome and conv.rome_denominator == "k_cur" else None
+            H = hidden_at_subject(lm, reqs, top, site=site)
             R = (Z.cpu() - H).T / (len(layers) - i)  # this layer's share of what is left
             W = lm.weight(layer)
+            kc = None if K_cur is None else K_cur.to(W.device)
             if isinstance(C0[layer], C0Factor):  # the layer's cached factor (copied to W's device if offloaded)
                 C = C0[layer].to(W.device)
             else:
                 C = ridge(C0[layer].to(device=W.device, dtype=dtype), self.c0_ridge)
-            sol = self.solve(K.to(W.device), R.to(W.device), C, dtype)
+            sol = self.solve(K.to(W.device), R.to(W.device), C, dtype, K_cur=kc)
             with torch.no_grad():
                 new = (W.to(dtype) + sol.delta).to(W.dtype)
                 if not torch.isfinite(new).all():
                     raise EditError(f"layer {layer}: the update overflows {W.dtype}; no weights were changed")
                 W.copy_(new)
             diag.setdefault("cond", {}).setdefault(layer, []).append(sol.cond)
+            K = K if K_cur is None else K_cur  # the keys at which the update writes R exactly
             edit.keys[layer] = torch.cat([edit.keys[layer], K], 1) if layer in edit.keys else K
             edit.residuals[layer] = torch.cat([edit.residuals[layer], R], 1) if layer in edit.residuals else R
             edit.timings["solve"] = edit.timings.get("solve", 0.0) + time.perf_counter() - t0
@@ -441,6 +490,7 @@ class ROME(Editor):
     method: ClassVar[str] = "ROME"
     constraint: ClassVar[str] = "equality"
     aliases: ClassVar[dict[str, str]] = {"layer": "layers"}
+    original_rome: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -473,6 +523,25 @@ class EMMET(Editor):
     """Batched equality-constrained edit (batched ROME); ``reg`` is λ_E (``lambda_e``), which conditions D."""
 
     reg: float = 0.1
+    # The authors scale C0 by w = mom2_update_weight before adding λ_E to D, which is λ_E' = w·λ_E on
+    # the unscaled C0 (the update is otherwise unchanged): the solve's ridge is w·λ_E (GPT-2 XL: 1000 × 0.1).
+    mom2_update_weight: float = 1.0
     method: ClassVar[str] = "EMMET"
     constraint: ClassVar[str] = "equality"
     aliases: ClassVar[dict[str, str]] = {"lambda_e": "reg"}
+
+    @property
+    def solve_reg(self) -> float:
+        return self.mom2_update_weight * self.reg
+
+
+@register
+@dataclass(kw_only=True)
+class RROME(ROME):
+    """r-ROME: ROME with one key in both places of the rank-one update (``k*ᵀC0⁻¹k*``), the fix
+    the r-ROME paper proposes for the original ROME's collapse after some edits. Under the
+    reference protocol it is the authors' r-ROME code, which is also the ROME of the study's own
+    code: MEMIT's prefixes and grouped keys, δ on the residual. ``RROME(layer=5)``."""
+
+    method: ClassVar[str] = "r-ROME"
+    original_rome: ClassVar[bool] = False

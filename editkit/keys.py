@@ -56,9 +56,18 @@ def _prefixed(requests: Sequence[EditRequest], prefixes: Sequence[str]):
 
 
 @torch.no_grad()
-def compute_keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int, prefixes: Sequence[str] = ("",),
-                 batch_size: int = 64) -> torch.Tensor:
-    """``K`` (d_in × E): each request's key averaged over ``prefixes``."""
+def compute_keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
+                 prefixes: Sequence[str] = ("",), batch_size: int = 64, mean: str = "flat") -> torch.Tensor:
+    """``K`` (d_in × E): each request's key averaged over ``prefixes``.
+
+    ``mean="flat"`` averages all prefixed prompts alike; ``mean="groups"`` (the reference
+    protocol's MEMIT/EMMET keys) averages two group means, the bare prompt (``prefixes[0]``,
+    which must be ``""``) and the mean of the others, so the bare prompt weighs one half
+    (with no other prefix, the bare prompt's key)."""
+    if mean not in ("flat", "groups"):
+        raise ValueError(f"mean={mean!r}: choose 'flat' or 'groups'")
+    if mean == "groups" and prefixes[0] != "":
+        raise ValueError("mean='groups' needs the bare prompt first (prefixes[0] == '')")
     texts, spans = _prefixed(requests, prefixes)
     module = lm.edit_module(layer)
     rows = []
@@ -69,7 +78,11 @@ def compute_keys(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
             lm.model(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
         k = seen[0]
         rows.append(k[torch.arange(len(k), device=k.device), batch.last().to(k.device)].float().cpu())
-    K = torch.cat(rows).view(len(requests), len(prefixes), -1).mean(dim=1)
+    K = torch.cat(rows).view(len(requests), len(prefixes), -1)
+    if mean == "groups" and len(prefixes) > 1:
+        K = (K[:, 0] + K[:, 1:].mean(dim=1)) / 2
+    else:
+        K = K.mean(dim=1)
     return K.T
 
 
@@ -79,10 +92,13 @@ keys = compute_keys
 
 @torch.no_grad()
 def hidden_at_subject(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
-                      batch_size: int = 64) -> torch.Tensor:
-    """``H`` (E × d): the residual stream after block ``layer`` at each subject's
-    last token, on the un-prefixed prompt."""
-    block = lm.block(layer)
+                      batch_size: int = 64, site: str = "block") -> torch.Tensor:
+    """``H`` (E × d): at each subject's last token of the un-prefixed prompt, the residual
+    stream after block ``layer`` (``site="block"``) or the output of its edited MLP
+    projection (``site="mlp"``, where the reference protocol puts ROME's value)."""
+    if site not in ("block", "mlp"):
+        raise ValueError(f"site={site!r}: choose 'block' or 'mlp'")
+    block = lm.block(layer) if site == "block" else lm.edit_module(layer)
     rows = []
     for i in range(0, len(requests), batch_size):
         chunk = requests[i:i + batch_size]

@@ -188,13 +188,26 @@ def least_squares_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam:
     return Solution(delta, _cond_from_cholesky(L), path="direct")
 
 
-def push_through_delta(K: torch.Tensor, R: torch.Tensor, F: C0Factor, rho: float) -> Solution:
+def push_through_delta(K: torch.Tensor, R: torch.Tensor, F: C0Factor, rho: float,
+                       K_cur: torch.Tensor | None = None) -> Solution:
     """``Δ = R (D + ρI)⁻¹ (C0⁻¹K)ᵀ`` with ``D = KᵀC0⁻¹K = WᵀW``, ``W = L⁻¹K``, on a cached factor.
 
     ρ = λ gives MEMIT's least-squares update (push-through identity), ρ = λ_E
     EMMET's equality update (ρ = 0: ROME). Cost O(d²E + d·E² + E³ + d_out·d·E).
+    ``K_cur`` replaces the left factor of D (``D = K_curᵀC0⁻¹K``): the original ROME's
+    denominator ``k_curᵀC0⁻¹k*`` with the un-prefixed key, so that ``Δ k_cur = R``.
     """
     W = F.whiten(K)  # d × E
+    if K_cur is not None:
+        D = F.whiten(K_cur).T @ W  # not symmetric: an LU solve
+        if rho:
+            D = D + rho * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
+        if not torch.isfinite(D).all() or torch.linalg.matrix_rank(D) < D.shape[0]:
+            raise SingularSystemError(f"D = K_curᵀ C0⁻¹ K ({D.shape[0]}×{D.shape[0]}) is singular; the "
+                                      "un-prefixed and the averaged keys are C0-orthogonal")
+        Y = torch.linalg.solve_triangular(F.L.mT, W, upper=True)  # C0⁻¹ K
+        delta = torch.linalg.solve(D.T, R.T).T @ Y.T  # R D⁻¹ (C0⁻¹K)ᵀ
+        return Solution(delta, torch.linalg.cond(D).item(), F.cond, path="cached")
     D = W.T @ W  # Kᵀ C0⁻¹ K, symmetric PSD by construction
     if rho:
         D = D + rho * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
@@ -206,20 +219,22 @@ def push_through_delta(K: torch.Tensor, R: torch.Tensor, F: C0Factor, rho: float
     return Solution(delta, _cond_from_cholesky(LD), F.cond, path="cached")
 
 
-def equality_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, lam_E: float = 0.0) -> Solution:
+def equality_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, lam_E: float = 0.0,
+                   K_cur: torch.Tensor | None = None) -> Solution:
     """ROME / EMMET: ``Δ = R D⁻¹ (C0⁻¹ K)ᵀ`` with ``D = Kᵀ C0⁻¹ K (+ λ_E I if E > 1)``.
 
     Given a tensor, C0 is factorized for this call (the direct path); given a
     :class:`C0Factor`, its cached factor is reused.
     """
     F = C0 if isinstance(C0, C0Factor) else C0Factor.of(C0)
-    sol = push_through_delta(K, R, F, lam_E if K.shape[1] > 1 else 0.0)
+    sol = push_through_delta(K, R, F, lam_E if K.shape[1] > 1 else 0.0, K_cur)
     sol.path = "cached" if isinstance(C0, C0Factor) else "direct"
     return sol
 
 
 def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constraint: Constraint, reg: float,
-          dtype: torch.dtype = torch.float64, path: SolvePath = "cached") -> Solution:
+          dtype: torch.dtype = torch.float64, path: SolvePath = "cached", K_cur: torch.Tensor | None = None
+          ) -> Solution:
     """Δ for keys ``K`` (d_in × E), residuals ``R`` (d_out × E) and second moment ``C0``.
 
     ``C0`` is the d_in × d_in tensor or its :class:`C0Factor`. ``reg`` is λ
@@ -240,6 +255,11 @@ def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constra
         dev, d_in = K.device, C0.shape[0]
         C0 = C0.to(device=dev, dtype=dtype)
     K, R = (t.to(device=dev, dtype=dtype) for t in (K, R))
+    if K_cur is not None:  # the original ROME's denominator keys (see push_through_delta)
+        if constraint != "equality" or K_cur.shape != K.shape:
+            raise ValueError(f"K_cur (shape {tuple(K_cur.shape)}) is ROME's equality denominator; it needs "
+                             f"constraint='equality' and the shape of K {tuple(K.shape)}")
+        K_cur = K_cur.to(device=dev, dtype=dtype)
     if K.shape[0] != d_in or K.shape[1] != R.shape[1]:
         raise ValueError(f"shape mismatch: K {tuple(K.shape)}, R {tuple(R.shape)}, C0 {d_in}×{d_in}")
     if constraint not in ("least_squares", "equality"):
@@ -247,11 +267,12 @@ def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constra
     if path not in ("cached", "direct"):
         raise ValueError(f"path={path!r}: choose 'cached' (reuse C0's factor) or 'direct' (factorize per batch)")
     if path == "direct":
-        sol = least_squares_delta(K, R, C0, reg) if constraint == "least_squares" else equality_delta(K, R, C0, reg)
+        sol = (least_squares_delta(K, R, C0, reg) if constraint == "least_squares"
+               else equality_delta(K, R, C0, reg, K_cur))
     else:
         F = C0 if isinstance(C0, C0Factor) else C0Factor.of(C0)
         rho = reg if constraint == "least_squares" else (reg if K.shape[1] > 1 else 0.0)
-        sol = push_through_delta(K, R, F, rho)
+        sol = push_through_delta(K, R, F, rho, K_cur)
     if not torch.isfinite(sol.delta).all():
         raise SingularSystemError("the update is not finite; the system is numerically singular")
     sol.delta = sol.delta.to(out_device)

@@ -28,11 +28,12 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .hooks import add_at_positions, capture_output, no_param_grads
+from .protocols import conventions
 from .models import LanguageModel
 from .requests import EditRequest, tokenize_spans, with_target
 
@@ -57,6 +58,12 @@ class ValueConfig:
     v_batch_size: int | None = None
     # Run the positions before the subject's last token once and reuse their keys/values.
     cache_prefix: bool = True
+    # The protocol of the loss conventions, "editkit" or "reference" (or a protocols.Conventions); an
+    # editor sets it from its own ``protocol``. See editkit.protocols and the README's protocol table.
+    conventions: Any = "editkit"
+    # Where δ's reference vector h is read (its norm scales the clamp and the decay; v* = h + δ):
+    # "block", the residual after the block (MEMIT, EMMET), or "mlp", the MLP output (the reference ROME).
+    site: str = "block"
 
 
 @dataclass
@@ -74,7 +81,8 @@ class ValueResult:
         return self.h + self.delta
 
 
-def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequence[str], essence: str):
+def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequence[str], essence: str,
+           kl_token: str = "prompt_last"):
     """One padded batch: for each request, its prefixed rewrite prompts + target,
     then one essence prompt. Returns the batch and row bookkeeping."""
     texts, spans, owner, kind = [], [], [], []
@@ -102,7 +110,10 @@ def _build(lm: LanguageModel, requests: Sequence[EditRequest], prefixes: Sequenc
     t_row, t_pos = torch.tensor(t_row), torch.tensor(t_pos)
     t_ids = batch.input_ids[t_row, t_pos + 1]
     ess_rows = torch.nonzero(torch.tensor(kind) == 1).flatten()
-    ess_pos = batch.attention_mask.sum(1)[ess_rows] - 1
+    if kl_token == "subject_last":  # the reference reads "{s} is a" at the subject's last token
+        ess_pos = torch.tensor([batch.spans[r][0][-1] for r in ess_rows.tolist()], dtype=torch.long)
+    else:  # at the prompt's last token, which predicts the object
+        ess_pos = batch.attention_mask.sum(1)[ess_rows] - 1
     targets = (t_row, t_pos, t_ids, ess_rows, ess_pos)
     return batch, torch.tensor(owner), targets
 
@@ -218,6 +229,9 @@ class ValueBatch:
     def __init__(self, lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
                  prefixes: Sequence[str], cfg: ValueConfig) -> None:
         self.lm, self.requests, self.prefixes, self.cfg = lm, requests, prefixes, cfg
+        self.conv = conventions(cfg.conventions)
+        if cfg.site not in ("block", "mlp"):
+            raise ValueError(f"ValueConfig.site={cfg.site!r}: choose 'block' or 'mlp'")
         self.module, self.block = lm.edit_module(layer), lm.block(layer)
         self.dev = self.module.weight.device
         self.unembed = lm.model.get_output_embeddings()
@@ -230,7 +244,7 @@ class ValueBatch:
         # Clean pass: h (un-prefixed rewrite row = prefix 0), the essence distribution P0, initial NLL.
         self.idx = torch.arange(E)
         self.rows = self.prepare(self.idx)
-        with torch.no_grad(), capture_output(self.block) as seen:
+        with torch.no_grad(), capture_output(self.block if cfg.site == "block" else self.module) as seen:
             hidden = self.forward()
         h = seen[0][torch.arange(len(self.rows.col), device=seen[0].device), self.rows.col.to(seen[0].device)].float()
         self.h = h[torch.arange(E) * P].to(self.dev)  # rows of prefix 0 (""), one per request
@@ -253,7 +267,7 @@ class ValueBatch:
         """The padded rows of requests ``idx``, cut at the subject's last token (when caching)."""
         lm = self.lm
         batch, owner, targets = _build(lm, [self.requests[i] for i in idx.tolist()], self.prefixes,
-                                       self.cfg.essence_template)
+                                       self.cfg.essence_template, self.conv.kl_token)
         cols = torch.tensor([s[0][-1] for s in batch.spans])  # subject's last token in every row
         cut = cols if self.caching else torch.zeros_like(cols)
         (pre, pre_m, pre_pos), tail = _cut(batch, cut, self.pad_id)
@@ -290,11 +304,15 @@ class ValueBatch:
         return nll_rows.view(n, P).mean(1).to(self.dev), ess.to(self.dev)
 
     def loss(self, nll: torch.Tensor, ess: torch.Tensor) -> torch.Tensor:
-        """The loss of each request in ``idx``: NLL + κ·KL(P0 ‖ Pδ) + β·‖δ‖²/‖h‖²."""
-        idx, cfg = self.idx, self.cfg
-        kl = (self.logp0[idx].exp() * (self.logp0[idx] - ess)).sum(-1)  # KL(P0 ‖ Pδ), one per request
-        decay = cfg.v_weight_decay * self.delta[idx].norm(dim=1) ** 2 / self.h_norm[idx] ** 2
-        return nll + cfg.kl_factor * kl + decay
+        """The loss of each request in ``idx``: NLL + κ·KL + β·decay, the KL and the decay as the
+        protocol says: KL(P0 ‖ Pδ) and ‖δ‖²/‖h‖² (editkit), KL(Pδ ‖ P0) and ‖δ‖/‖h‖² (reference)."""
+        idx, cfg, conv = self.idx, self.cfg, self.conv
+        if conv.kl == "edited_first":
+            kl = (ess.exp() * (ess - self.logp0[idx])).sum(-1)  # KL(Pδ ‖ P0), one per request
+        else:
+            kl = (self.logp0[idx].exp() * (self.logp0[idx] - ess)).sum(-1)  # KL(P0 ‖ Pδ)
+        norm = self.delta[idx].norm(dim=1) if conv.decay == "norm" else self.delta[idx].norm(dim=1) ** 2
+        return nll + cfg.kl_factor * kl + cfg.v_weight_decay * norm / self.h_norm[idx] ** 2
 
     def step(self) -> None:
         """One optimization step: score and freeze (:meth:`objective`), then update δ (:meth:`update`)."""
@@ -309,12 +327,15 @@ class ValueBatch:
         with self.adding_delta():
             nll, ess = self.terms(self.forward())
         self.nll[idx] = nll.detach().cpu()
-        # Requests that already reach the wanted probability stop here, as they would alone.
-        live = self.active[idx] & (self.nll[idx] >= self.cfg.stop_nll)
+        each = self.loss(nll, ess)
+        # Requests that already reach the threshold stop here, as they would alone: on their total
+        # loss (reference) or on their NLL (editkit).
+        score = each.detach().cpu() if self.conv.stop == "total" else self.nll[idx]
+        live = self.active[idx] & (score >= self.cfg.stop_nll)
         self.active[idx] = live
         if not live.any():
             return None
-        loss = self.loss(nll, ess)[live.to(self.dev)].sum()
+        loss = each[live.to(self.dev)].sum()
         self.history.append(loss.item())
         return loss
 
@@ -365,9 +386,11 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
                  for i in range(0, E, chunk)]
         return _concat(parts)
     state = ValueBatch(lm, requests, layer, prefixes, cfg)
-    bar = tqdm(total=cfg.v_steps, desc=f"values ({E} requests)", disable=not progress, leave=False)
+    # "N steps": the reference's loop evaluates N times and updates after all but the last.
+    n_updates = cfg.v_steps - 1 if state.conv.updates == "steps_minus_one" else cfg.v_steps
+    bar = tqdm(total=n_updates, desc=f"values ({E} requests)", disable=not progress, leave=False)
     with no_param_grads(lm.model):
-        while state.n_steps < cfg.v_steps and state.active.any():
+        while state.n_steps < n_updates and state.active.any():
             if state.needs_repad:
                 state.repad()
             state.step()

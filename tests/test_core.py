@@ -43,14 +43,17 @@ def assert_restored(lm, before):
         assert torch.equal(lm.edit_module(l).weight, w), f"layer {l} not restored bit for bit"
 
 
-def test_rome_memorizes_key_value_pair(lm, C0s):
+@pytest.mark.parametrize("protocol", ["editkit", "reference"])
+def test_rome_memorizes_key_value_pair(lm, C0s, protocol):
     before = weights(lm)
-    editor = ek.ROME(layer=1, values=fast_values(), **FAST)
+    editor = ek.ROME(layer=1, values=fast_values(), protocol=protocol, **FAST)
     edit = editor.apply(lm, REQS[:1], stats=C0s, progress=False)
     W0 = before[1].T if lm.adapter.conv1d else before[1]
     K, R = edit.keys[1].double(), edit.residuals[1].double()
     W1 = lm.weight(1).detach().double()
-    # Ŵ k* = v* = W k* + R, exactly up to float32 storage.
+    if protocol == "reference":  # the original ROME writes v* at the un-prefixed prompt's key k_cur
+        torch.testing.assert_close(K, ek.compute_keys(lm, REQS[:1], 1, [""]).double())
+    # Ŵ k = v* = W k + R (k* for editkit / r-ROME, k_cur for the original ROME), up to float32 storage.
     torch.testing.assert_close(W1 @ K, W0.double() @ K + R, rtol=1e-4, atol=1e-4)
     # ...and the update is rank one.
     assert torch.linalg.matrix_rank(edit.deltas[1].double(), rtol=1e-6).item() == 1
@@ -89,7 +92,7 @@ def test_spreading_over_layers_reaches_single_layer_target(lm, C0s):
     (The top edited layer is below the last: δ at the last layer's subject token
     cannot reach the later target tokens.)"""
     before = weights(lm)
-    common = dict(FAST, n_prefixes=0, lambda_e=0.0, values=fast_values())
+    common = dict(FAST, prefixes=[], lambda_e=0.0, values=fast_values())
     top = lm.n_layers - 2
     single = ek.EMMET(layers=[top], **common)
     with single.applied(lm, REQS[:2], stats=C0s, progress=False) as e1:
@@ -335,7 +338,7 @@ def test_local_checkpoint_round_trip(tmp_path):
 
 def test_presets_are_data():
     m = ek.MEMIT.preset("llama-3-8b")
-    assert m.layers == [1] and m.mom2_update_weight == 15000.0
+    assert m.layers == [1] and m.mom2_update_weight == 1.0  # the study-time authors' Llama setting
     r = ek.ROME.preset("gpt2-xl", layer=12)
     assert r.layer == 12 and r.values.v_lr == 0.5
     assert {"gpt2-xl", "gpt-j-6b", "llama-3-8b"} <= set(ek.available_presets())
