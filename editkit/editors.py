@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 import weakref
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
-from .data.corpus import corpus_name
+from .data.corpus import corpus_name, materialize_corpus
 from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .models import LanguageModel
 from .protocols import Conventions, conventions, sample_prefixes
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Editor", "ROME", "RROME", "MEMIT", "EMMET", "Edit", "EditError", "METHODS", "register", "make_editor",
            "available_presets", "preset_for"]
+
+
+#: ‖Δ‖ / ‖W‖ above which an edit is logged as suspicious. Healthy ROME edits of the world
+#: models measure 1.3-2.5 (a small model's layer is small); 100 flags only runaway updates.
+HUGE_UPDATE_RATIO = 100.0
 
 
 class EditError(RuntimeError):
@@ -67,6 +73,7 @@ class Edit:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     undone: bool = False
     committed: bool = False
+    scoped: bool = field(default=False, repr=False)  # applied by ``Editor.applied``: undone when its block ends
 
     def undo(self) -> None:
         """Restore the edited weights exactly. Only the most recent edit can be undone."""
@@ -89,6 +96,11 @@ class Edit:
         each, so the model's undo stack must not grow with every batch."""
         if self.undone:
             raise EditError("this edit was undone; there is nothing to commit")
+        stack = self.lm.edits
+        below = stack[:next((i for i, e in enumerate(stack) if e is self), len(stack))]
+        if any(e.scoped for e in below):
+            raise EditError("this edit sits inside an `applied()` block, which undoes every edit made in it on exit; "
+                            "commit it outside the block")
         self._forget()
         self.originals = {}
         self.committed = True
@@ -96,6 +108,12 @@ class Edit:
     def _forget(self) -> None:
         """Remove this edit from the model's undo stack (by identity: Edits hold tensors)."""
         self.lm.edits[:] = [e for e in self.lm.edits if e is not self]
+
+    @property
+    def converged(self) -> bool:
+        """Whether the value optimization of every request reached its stopping criterion
+        (per request in ``diagnostics["converged"]``)."""
+        return all(self.diagnostics.get("converged", [True]))
 
     def summary(self) -> dict[str, Any]:
         """A flat dict for logs and tidy frames."""
@@ -186,6 +204,11 @@ class Editor:
             if bad:
                 raise ValueError(f"prefixes: {bad[0]!r} contains braces, which would break the prompt template")
             self.prefixes = list(self.prefixes)
+        if len(set(self.layers)) < len(self.layers):
+            raise ValueError(f"layers: {self.layers} names a layer twice; give each edited layer once")
+        _check_hyperparameters(self)
+        # A one-shot corpus (a generator) would be used up by the first C0 or by hashing it for a key.
+        self.corpus = materialize_corpus(self.corpus, self.n_samples)
 
     # --- configuration ----------------------------------------------------
     @property
@@ -249,10 +272,15 @@ class Editor:
         the first time it is asked for (call this before a sequence of edits) and reused
         by every later edit."""
         key = ("C0", layer, corpus_name(self.corpus), self.n_samples, self.max_tokens)
-        if key not in lm.cache:
-            lm.cache[key] = second_moment(lm, layer, self.corpus, self.n_samples, max_tokens=self.max_tokens,
-                                          progress=progress)
-        return lm.cache[key]
+        C0 = lm.cache.get(key)
+        if C0 is not None and tuple(C0.shape) != (lm.d_in(layer),) * 2:  # never reuse a C0 of another shape
+            log.warning("dropping a cached C0 of shape %s for layer %d (d_in=%d)", tuple(C0.shape), layer,
+                        lm.d_in(layer))
+            C0 = None
+        if C0 is None:
+            C0 = lm.cache[key] = second_moment(lm, layer, self.corpus, self.n_samples, max_tokens=self.max_tokens,
+                                               progress=progress)
+        return C0
 
     def c0_factor(self, lm: LanguageModel, layer: int, C0: torch.Tensor | None = None,
                   progress: bool = True) -> C0Factor:
@@ -287,6 +315,9 @@ class Editor:
         layers = sorted(self.layers)
         for layer in layers:
             lm.edit_module(layer)  # range check before any work
+        lm.check_finite()  # NaN weights otherwise surface far away (a singular solve, a misleading hint)
+        for layer, C in (stats or {}).items():
+            _check_c0(C, lm.d_in(layer), f"stats[{layer}]")
         if layers[-1] == lm.n_layers - 1:
             log.warning("editing the last layer (%d): a change at the subject's last token there cannot reach "
                         "the later tokens that predict the object; pick an earlier layer", layers[-1])
@@ -294,36 +325,75 @@ class Editor:
         edit = Edit(lm=lm, method=self.method, requests=reqs, originals=originals)
         lm.edits.append(edit)
         try:
-            t0 = time.perf_counter()
-            given = stats or {}
-            if self.solve_path == "cached":
-                C0 = {l: self.c0_factor(lm, l, given.get(l), progress) for l in layers}
-            elif self.solve_path == "direct":
-                C0 = {l: (given[l] if l in given else self.second_moment(lm, l, progress)) for l in layers}
-            else:
-                raise ValueError(f"solve_path={self.solve_path!r}: choose 'cached' or 'direct'")
-            edit.timings["stats"] = time.perf_counter() - t0
-            for group in self._groups(reqs):
-                self._apply_group(lm, group, layers, C0, edit, progress)
+            with lm.eval_mode():  # dropout would make every Δ random
+                t0 = time.perf_counter()
+                given = stats or {}
+                if self.solve_path == "cached":
+                    C0 = {l: self.c0_factor(lm, l, given.get(l), progress) for l in layers}
+                elif self.solve_path == "direct":
+                    C0 = {l: (given[l] if l in given else self.second_moment(lm, l, progress)) for l in layers}
+                    for l in layers:
+                        _check_c0(C0[l], lm.d_in(l), f"C0 of layer {l}")
+                else:
+                    raise ValueError(f"solve_path={self.solve_path!r}: choose 'cached' or 'direct'")
+                edit.timings["stats"] = time.perf_counter() - t0
+                for group in self._groups(reqs):
+                    self._apply_group(lm, group, layers, C0, edit, progress)
         except BaseException:
             edit.undo()
             raise
+        self._flag_convergence(edit)
         for layer in layers:
             w = lm.weight(layer).detach()
             d = w.double() - originals[layer].double()
             edit.deltas[layer] = d.float().cpu()
             edit.norms[layer] = {"delta_norm": d.norm().item(), "weight_norm": w.double().norm().item(),
                                  "original_norm": originals[layer].double().norm().item()}
+            ratio = edit.norms[layer]["delta_norm"] / max(edit.norms[layer]["original_norm"], 1e-30)
+            if ratio > HUGE_UPDATE_RATIO:
+                log.warning("%s at layer %d: ‖Δ‖ = %.3g is %.3g × ‖W‖; the edit dwarfs the layer's weights (check "
+                            "C0, reg and the value optimization)", self.method, layer, edit.norms[layer]["delta_norm"],
+                            ratio)
         return edit
+
+    def _flag_convergence(self, edit: "Edit") -> None:
+        """``diagnostics["converged"]``: per request, whether the value optimization reached
+        its own stopping criterion (NLL of target_new below ``values.stop_nll``) within
+        ``values.v_steps``; a request that did not is logged as a warning."""
+        final = edit.diagnostics.get("nll_final", [])
+        conv = [bool(n < self.values.stop_nll) for n in final]
+        edit.diagnostics["converged"] = conv
+        bad = [i for i, c in enumerate(conv) if not c]
+        if bad:
+            init = edit.diagnostics.get("nll_init", [])
+            shown = ", ".join(f"{edit.requests[i].subject!r} NLL {init[i]:.3g} → {final[i]:.3g}" for i in bad[:3])
+            log.warning("%s: value optimization did not converge for %d of %d request(s) in %d steps (stop_nll=%g): "
+                        "%s%s. Raise v_steps or v_lr; edit.diagnostics['converged'] flags them",
+                        self.method, len(bad), len(conv), self.values.v_steps, self.values.stop_nll, shown,
+                        " ..." if len(bad) > 3 else "")
 
     @contextmanager
     def applied(self, lm: LanguageModel, requests: Sequence[EditRequest | Any], **kw: Any) -> Iterator[Edit]:
-        """Apply for the duration of the block; restored on exit, even on exceptions."""
+        """Apply for the duration of the block; on exit the weights are bitwise as found.
+
+        Whatever happens inside: every edit applied to the model inside the block (through
+        any wrapper of it) is undone too, most recent first, then this one. Committing an
+        edit inside the block is refused, since leaving the block would discard it. An
+        exception raised in the block is never replaced: were restoring to fail as well,
+        that failure is attached to it as a note."""
+        depth = len(lm.edits)
         edit = self.apply(lm, requests, **kw)
+        edit.scoped = True
         try:
             yield edit
-        finally:
-            edit.undo()
+        except BaseException as exc:
+            try:
+                _unwind(lm, depth)
+            except Exception as undo_exc:  # pragma: no cover - copying saved weights back does not fail
+                exc.add_note(f"editkit: restoring the weights after this error failed too: {undo_exc!r}")
+            raise
+        else:
+            _unwind(lm, depth)
 
     def _groups(self, reqs: list[EditRequest]) -> list[list[EditRequest]]:
         return [reqs]
@@ -408,6 +478,55 @@ class Editor:
             edit.residuals[layer] = torch.cat([edit.residuals[layer], R], 1) if layer in edit.residuals else R
             edit.timings["solve"] = edit.timings.get("solve", 0.0) + time.perf_counter() - t0
 
+
+
+def _unwind(lm: LanguageModel, depth: int) -> None:
+    """Undo the edits above position ``depth`` of the model's stack, most recent first."""
+    while len(lm.edits) > depth:
+        lm.edits[-1].undo()
+
+
+def _check_c0(C: torch.Tensor, d_in: int, what: str) -> None:
+    if not isinstance(C, torch.Tensor) or tuple(C.shape) != (d_in, d_in):
+        shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+        raise ValueError(f"{what}: C0 must be a {d_in} × {d_in} tensor (the edited layer's d_in), got {shape}")
+    if not bool(torch.isfinite(C).all()):
+        raise ValueError(f"{what}: C0 holds {int((~torch.isfinite(C)).sum())} NaN/inf value(s); recompute it "
+                         "(ek.second_moment) from a model whose weights are finite")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_hyperparameters(ed: "Editor") -> None:
+    """Reject settings no edit can run with, naming the field (instead of a silent no-op
+    edit, an empty C0 or a crash deep inside the solver)."""
+    v = ed.values
+    checks = [
+        ("n_samples", ed.n_samples is None or (_int(ed.n_samples) and ed.n_samples > 0),
+         "a positive number of corpus texts, or None for the whole corpus"),
+        ("max_tokens", ed.max_tokens is None or (_int(ed.max_tokens) and ed.max_tokens > 0),
+         "a positive number of token keys, or None for no limit"),
+        ("n_prefixes", _int(ed.n_prefixes) and ed.n_prefixes >= 0, "a number of context prefixes ≥ 0"),
+        ("prefix_len", _int(ed.prefix_len) and ed.prefix_len >= 1, "a prefix length ≥ 1 token"),
+        ("c0_ridge", isinstance(ed.c0_ridge, (int, float)) and math.isfinite(ed.c0_ridge) and ed.c0_ridge >= 0,
+         "a finite ε ≥ 0"),
+        ("reg", isinstance(ed.reg, (int, float)) and math.isfinite(ed.reg) and ed.reg >= 0, "a finite λ ≥ 0"),
+        ("solve_dtype", isinstance(getattr(torch, str(ed.solve_dtype), None), torch.dtype)
+         and getattr(torch, str(ed.solve_dtype)).is_floating_point, "a torch float dtype name such as 'float64'"),
+        ("values.v_steps", _int(v.v_steps) and v.v_steps >= 1, "at least 1 optimization step"),
+        ("values.v_lr", isinstance(v.v_lr, (int, float)) and math.isfinite(v.v_lr) and v.v_lr > 0,
+         "a positive finite learning rate"),
+        ("values.clamp_norm_factor", isinstance(v.clamp_norm_factor, (int, float)) and v.clamp_norm_factor > 0,
+         "a positive factor"),
+        ("values.v_batch_size", v.v_batch_size is None or (_int(v.v_batch_size) and v.v_batch_size >= 1),
+         "None or a positive batch size"),
+    ]
+    for name, ok, want in checks:
+        if not ok:
+            value = getattr(v, name.split(".")[1]) if name.startswith("values.") else getattr(ed, name)
+            raise ValueError(f"{type(ed).__name__}: {name}={value!r} is impossible; give {want}")
 
 
 def _as_requests(requests: Sequence[Any]) -> list[EditRequest]:

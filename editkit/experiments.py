@@ -32,7 +32,7 @@ from ._version import __version__
 from .cluster import Unit, run_units
 from .editors import Editor, make_editor
 from .hooks import restored_weights
-from .models import LanguageModel
+from .models import LanguageModel, in_eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +445,18 @@ def _identity(lm: LanguageModel, recs: Sequence[Any]) -> dict:
                 cases=[getattr(r, "case_id", i) for i, r in enumerate(recs)])
 
 
+def _with_converged(frame: pd.DataFrame, records: Sequence[Any], edit: Any) -> pd.DataFrame:
+    """Add ``converged``: whether the value optimization of each row's own request
+    reached its stopping criterion (``Edit.diagnostics["converged"]``)."""
+    flags = edit.diagnostics.get("converged") or [edit.converged] * len(records)
+    ids = [getattr(r, "case_id", i) for i, r in enumerate(records)]
+    if len(set(ids)) == len(ids) and len(flags) == len(ids):
+        frame["converged"] = frame.case_id.map(dict(zip(ids, flags))).astype(bool)
+    else:  # case_ids repeat: the batch's flag for every row
+        frame["converged"] = edit.converged
+    return frame
+
+
 def _evaluate(lm, records, eval_batch_size, /, **cols) -> pd.DataFrame:
     from .metrics import evaluate
 
@@ -471,6 +483,7 @@ def heldout_texts(source: str = "world", n: int = 200, seed: int = 0) -> list[st
     return texts[:n]
 
 
+@in_eval_mode
 @torch.no_grad()
 def perplexity(lm: LanguageModel, texts: Sequence[str], batch_size: int = 16, max_length: int = 256) -> float:
     """Token-level perplexity of ``texts`` (the general-ability probe of sequential editing)."""
@@ -536,7 +549,7 @@ def _layer_post(lm: LanguageModel, store: RunStore, editor: Editor, m: str, l: i
     for r in recs:
         with editor.applied(lm, [r], progress=False) as edit:
             frames.append(_evaluate(lm, [r], eval_batch_size, phase="post", method=m, layer=l,
-                                    delta_norm=edit.norms[l]["delta_norm"]))
+                                    delta_norm=edit.norms[l]["delta_norm"], converged=edit.converged))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -597,8 +610,9 @@ def _batch_post(lm: LanguageModel, store: RunStore, ed: Editor, m: str, reg: flo
     t0 = time.perf_counter()
     with ed.applied(lm, part, progress=False) as edit:
         t_edit = time.perf_counter() - t0
-        return _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
-                         delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
+        frame = _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
+                          delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
+        return _with_converged(frame, part, edit)
 
 
 # --- study 3: sequential-batched editing ------------------------------------
@@ -688,6 +702,12 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
                 log.info("%s bs=%d: resuming after batch %d", m, bs, start)
         for _ in range(start):
             tick()
+        converged: dict = {}  # case_id -> converged, for the rows of every fact edited so far
+        for b in range(start):
+            old = store.read(_seq_unit(m, bs, b))
+            if "converged" in old:
+                rows = old[old.phase == "batch"]
+                converged.update(zip(rows.case_id, rows.converged))
         for b in range(start, n_batches):
             part = recs[b * bs:(b + 1) * bs]
             done_edits = (b + 1) * bs
@@ -696,11 +716,14 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
             edit = editor.apply(lm, part, progress=False)
             t_edit = time.perf_counter() - t0
             edit.commit()  # kept applied: the sequence continues on this model
-            frames = [_evaluate(lm, part, eval_batch_size, phase="batch", **cols)]
+            frames = [_with_converged(_evaluate(lm, part, eval_batch_size, phase="batch", **cols), part, edit)]
+            converged.update(zip(frames[0].case_id, frames[0].converged))
             if done_edits in checkpoints:
-                frames.append(_evaluate(lm, recs[:done_edits], eval_batch_size, phase="all", **cols))
+                everything = _evaluate(lm, recs[:done_edits], eval_batch_size, phase="all", **cols)
+                everything["converged"] = everything.case_id.map(converged)
+                frames.append(everything)
             W = lm.weight(layer).detach().double()
-            probe = dict(phase="probe", **cols, update_norm=(W - W0).norm().item(),
+            probe = dict(phase="probe", **cols, converged=edit.converged, update_norm=(W - W0).norm().item(),
                          weight_norm=W.norm().item(), batch_delta_norm=edit.norms[layer]["delta_norm"],
                          edit_seconds=t_edit)
             if heldout:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .models import LanguageModel
+from .models import LanguageModel, in_eval_mode
 from .requests import EditRequest, RequestError, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def _pair_text(prompt: str, target: str) -> tuple[str, tuple[int, int]]:
     return with_target(prompt, target)
 
 
+@in_eval_mode
 @torch.no_grad()
 def score_targets(lm: LanguageModel, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
                   progress: bool = True) -> TargetScores:
@@ -319,6 +320,7 @@ def _reference_files(snippets: str | os.PathLike | None, idf: str | os.PathLike 
     return by_relation, _Tfidf(json.loads(paths["vocab"].read_text()), np.load(paths["idf"]))
 
 
+@in_eval_mode
 @torch.no_grad()
 def generation_metrics(lm: LanguageModel, records: Sequence[Any], *, max_new_tokens: int = 100, sample: bool = True,
                        top_k: int = 5, seed: int = 0, batch_size: int = 16, snippets: str | os.PathLike | None = None,

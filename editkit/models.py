@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -153,7 +154,6 @@ class LanguageModel:
     adapter: Adapter | None = None
     name: str = "model"
     cache: dict = field(default_factory=dict, repr=False)
-    edits: list = field(default_factory=list, repr=False)
     spec: ModelSpec | None = field(default=None, repr=False)  # how a worker loads this model again (cluster)
 
     def __post_init__(self) -> None:
@@ -172,6 +172,31 @@ class LanguageModel:
         # Resolve every template once so a wrong override fails here, not mid-edit.
         self.module(self.adapter.edited(0))
         self.module(self.adapter.final_norm)
+
+    @property
+    def edits(self) -> list:
+        """The undo stack of edits applied to the weights (most recent last).
+
+        It lives on the torch module, not on this wrapper: two LanguageModels over one
+        model share it, so an edit made through one can only be undone in the right
+        order through either."""
+        stack = self.model.__dict__.get(_EDIT_STACK)
+        if stack is None:
+            stack = self.model.__dict__[_EDIT_STACK] = []
+        return stack
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Run the block with the model in eval mode (no dropout), then put every
+        submodule back in the mode the caller had it in. Edits and scores are always
+        computed this way: in train mode dropout made every Δ and every score random."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
     # --- structure -------------------------------------------------------
     def module(self, path: str) -> nn.Module:
@@ -289,6 +314,22 @@ class LanguageModel:
 
 
 _HASH_CHUNK = 1 << 26  # bytes copied off the device at a time while hashing
+
+
+def in_eval_mode(fn):
+    """Decorator: run ``fn(lm, ...)`` under ``lm.eval_mode()`` (caller's modes restored)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(lm, *args, **kwargs):
+        with lm.eval_mode():
+            return fn(lm, *args, **kwargs)
+
+    return wrapper
+
+
+#: Attribute of the torch module that holds editkit's edit stack (see LanguageModel.edits).
+_EDIT_STACK = "_editkit_edits"
 
 
 def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data.corpus import CorpusUnavailableError, corpus_name, iter_corpus, materialize_corpus
 from .hooks import capture_input, stop_after
-from .models import LanguageModel
+from .models import LanguageModel, in_eval_mode
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def _cache_path(lm: LanguageModel, layer: int, corpus: Any, n_samples: int | Non
     return cache_dir("stats") / f"{safe}-L{layer}-{digest}.safetensors"
 
 
+@in_eval_mode
 @torch.no_grad()
 def second_moment(
     lm: LanguageModel,

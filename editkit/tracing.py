@@ -24,7 +24,7 @@ from torch import nn
 
 from .hooks import add_at_positions
 from .metrics import token_logprobs
-from .models import LanguageModel
+from .models import LanguageModel, in_eval_mode
 from .requests import RequestError, tokenize_spans, with_target
 
 __all__ = ["causal_trace", "layer_importance", "trace_sites", "KINDS"]
@@ -123,6 +123,7 @@ def _window(layer: int, n_layers: int, window: int) -> list[int]:
     return list(range(lo, hi))
 
 
+@in_eval_mode
 @torch.no_grad()
 def causal_trace(lm: LanguageModel, prompt: str, subject: str, target: str, kind: str = "mlp", *,
                  samples: int = 10, noise: float = 3.0, window: int = 1, seed: int = 0,
@@ -181,6 +182,7 @@ def _triples(records: Sequence[Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+@in_eval_mode
 @torch.no_grad()
 def layer_importance(lm: LanguageModel, records: Sequence[Any], kind: str = "mlp", *, samples: int = 10,
                      noise: float = 3.0, window: int = 1, seed: int = 0, per_record: bool = False,

@@ -346,3 +346,128 @@ def test_cli_bad_arguments_exit_nonzero_with_a_message(capsys):
         cli.main(["world", "build", "--models", "bogus"])
     err = capsys.readouterr().err
     assert exc.value.code != 0 and "bogus" in err and "world-gpt2" in err and "Traceback" not in err
+def test_non_finite_weights_or_c0_are_named(cache):
+    lm = tiny_lm("gpt2", n_layer=2)
+    editor = ek.ROME(layer=0, **FAST)
+    req = _records(1)[0].request
+    d = lm.d_in(0)
+    bad_c0 = torch.eye(d, dtype=torch.float64)
+    bad_c0[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="C0.*(NaN|not finite)"):
+        editor.apply(lm, [req], stats={0: bad_c0}, progress=False)
+    assert lm.edits == []
+    with torch.no_grad():
+        lm.block(0).attn.c_attn.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn\.weight holds 1 NaN/inf"):
+        editor.apply(lm, [req], progress=False)
+    assert lm.edits == []
+
+
+
+# --- edit stack and model state -----------------------------------------------------------
+
+def _weights(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(lm, snapshot) -> bool:
+    return all(torch.equal(v, snapshot[k]) for k, v in lm.model.state_dict().items())
+
+
+class Boom(Exception):
+    pass
+
+
+def test_applied_never_masks_the_error_and_restores_everything(cache):
+    lm = tiny_lm("gpt2", n_layer=2)
+    a, b = _records(2)
+    rome0, rome1 = ek.ROME(layer=0, **FAST), ek.ROME(layer=1, **FAST)
+    before = _weights(lm)
+    with pytest.raises(Boom):  # on main: EditError('undo the later edits first'), both edits left in
+        with rome0.applied(lm, [a], progress=False):
+            rome1.apply(lm, [b], progress=False)
+            raise Boom
+    assert _same(lm, before) and lm.edits == []
+    with rome0.applied(lm, [a], progress=False):  # no error: the later edit is undone as well
+        rome0.apply(lm, [b], progress=False)
+    assert _same(lm, before) and lm.edits == []
+    with pytest.raises(ek.EditError, match="applied"):
+        with rome0.applied(lm, [a], progress=False):
+            rome1.apply(lm, [b], progress=False).commit()  # would be discarded on exit: refused
+    assert _same(lm, before) and lm.edits == []
+
+
+def test_edit_stack_belongs_to_the_torch_module(cache):
+    w1 = tiny_lm("gpt2", n_layer=2)
+    w2 = ek.LanguageModel(w1.model, w1.tokenizer, name="second wrapper")
+    a_req, b_req = _records(2)
+    rome = ek.ROME(layer=0, **FAST)
+    before = _weights(w1)
+    a = rome.apply(w1, [a_req], progress=False)
+    b = rome.apply(w2, [b_req], progress=False)
+    assert w1.edits == w2.edits == [a, b]
+    with pytest.raises(ek.EditError, match="later edits first"):  # on main: accepted, edit A left in
+        a.undo()
+    b.undo()
+    a.undo()
+    assert _same(w1, before) and w1.edits == w2.edits == []
+
+
+def test_edits_and_scores_are_computed_in_eval_mode(cache):
+    lm = tiny_lm("gpt2", n_layer=2)
+    rec = _records(1)[0]
+    lm.model.train()  # dropout on
+    lm.block(1).eval()  # a caller's mixed modes are restored as they were
+    modes = {n: m.training for n, m in lm.model.named_modules()}
+    rome = ek.ROME(layer=0, **FAST)
+    d1 = rome.apply(lm, [rec], progress=False)
+    delta1 = d1.deltas[0].clone()
+    d1.undo()
+    d2 = rome.apply(lm, [rec], progress=False)
+    assert torch.equal(d2.deltas[0], delta1)  # on main: differs by up to ~1 on every call
+    e1 = ek.evaluate(lm, [rec], progress=False)
+    e2 = ek.evaluate(lm, [rec], progress=False)
+    d2.undo()
+    pd.testing.assert_frame_equal(e1, e2)
+    assert {n: m.training for n, m in lm.model.named_modules()} == modes
+
+
+def test_non_convergence_is_flagged_logged_and_carried_into_rows(lm, tmp_path, cache, caplog):
+    rec = _records(2)
+    with caplog.at_level("WARNING", logger="editkit.editors"):
+        edit = ek.ROME(layer=0, **dict(FAST, values=ek.ValueConfig(v_steps=1))).apply(lm, rec, progress=False)
+    edit.undo()
+    assert edit.diagnostics["converged"] == [False, False] and not edit.converged
+    assert any("did not converge" in r.getMessage() for r in caplog.records)
+    kw = dict(editor_kwargs=FAST, root=tmp_path, progress=False)
+    sweep = experiments.layer_sweep(lm, rec, ["ROME"], [0], None, **kw)
+    batch = experiments.batch_sweep(lm, rec, ["MEMIT"], 0, [2], **kw)
+    seq = experiments.sequential_batched(lm, rec, ["MEMIT"], 0, [1], 2, **kw)
+    for frame, phases in ((sweep, ["post"]), (batch, ["post"]), (seq, ["batch", "all", "probe"])):
+        rows = frame[frame.phase.isin(phases) & (frame.method != "none")]
+        assert "converged" in frame and rows.converged.notna().all() and rows.converged.isin([True, False]).all()
+    assert not sweep[sweep.phase == "post"].converged.any()  # 2 value steps never reach stop_nll here
+
+
+def test_huge_update_is_logged(lm, cache, caplog):
+    wild = ek.ValueConfig(v_steps=2, v_lr=1e4, clamp_norm_factor=1e6)
+    with caplog.at_level("WARNING", logger="editkit.editors"):
+        edit = ek.ROME(layer=0, **dict(FAST, values=wild)).apply(lm, _records(1), progress=False)
+    edit.undo()
+    assert edit.norms[0]["delta_norm"] > 100 * edit.norms[0]["original_norm"]
+    assert any("dwarfs" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("field, kw", [
+    ("values.v_steps", dict(values=ek.ValueConfig(v_steps=0))),
+    ("values.v_steps", dict(v_steps=-3)),
+    ("n_samples", dict(n_samples=0)),
+    ("max_tokens", dict(max_tokens=-1)),
+    ("layers", dict(layers=[0, 0])),
+    ("layers", dict(layers=[0.5])),
+    ("layers", dict(layers=["1"])),
+    ("layers", dict(layers=[])),
+])
+def test_impossible_hyperparameters_are_rejected_naming_the_field(field, kw):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        ek.MEMIT(**{"layers": [0], **kw})
