@@ -11,7 +11,7 @@ import logging as _logging
 from ._version import __version__
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
 from .data.corpus import CorpusUnavailableError
-from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, Edit, EditError, Editor, available_presets, make_editor,
+from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, AlphaEdit, Edit, EditError, Editor, available_presets, make_editor,
                       preset_for, register)
 from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .protocols import PROTOCOLS, Conventions

@@ -33,13 +33,13 @@ from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .models import LanguageModel
 from .protocols import Conventions, conventions, sample_prefixes
 from .requests import EditRequest, RequestError
-from .solver import C0Factor, Solution, ridge, solve
+from .solver import C0Factor, NullSpace, Solution, ridge, solve
 from .stats import c0_factor, second_moment
 from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Editor", "ROME", "RROME", "MEMIT", "EMMET", "Edit", "EditError", "METHODS", "register", "make_editor",
+__all__ = ["Editor", "ROME", "RROME", "MEMIT", "EMMET", "AlphaEdit", "preserved_keys", "Edit", "EditError", "METHODS", "register", "make_editor",
            "available_presets", "preset_for"]
 
 
@@ -71,6 +71,9 @@ class Edit:
     norms: dict[int, dict[str, float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    # model state besides the weights that this edit changed, as it was before (``lm.cache``
+    # key -> previous value, None if absent): AlphaEdit's K_p K_pᵀ. Undo puts it back.
+    state_before: dict[Any, Any] = field(default_factory=dict, repr=False)
     undone: bool = False
     committed: bool = False
     scoped: bool = field(default=False, repr=False)  # applied by ``Editor.applied``: undone when its block ends
@@ -86,6 +89,11 @@ class Edit:
         with torch.no_grad():
             for layer, w in self.originals.items():
                 self.lm.weight(layer).copy_(w)
+        for key, value in self.state_before.items():
+            if value is None:
+                self.lm.cache.pop(key, None)
+            else:
+                self.lm.cache[key] = value
         self._forget()
         self.undone = True
 
@@ -102,7 +110,7 @@ class Edit:
             raise EditError("this edit sits inside an `applied()` block, which undoes every edit made in it on exit; "
                             "commit it outside the block")
         self._forget()
-        self.originals = {}
+        self.originals, self.state_before = {}, {}
         self.committed = True
 
     def _forget(self) -> None:
@@ -427,13 +435,29 @@ class Editor:
         return compute_keys(lm, reqs, layer, prefixes, mean=conv.rome_key_mean if self.original_rome else conv.key_mean)
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, dtype: torch.dtype,
-              K_cur: torch.Tensor | None = None) -> Solution:
+              K_cur: torch.Tensor | None = None, **inputs: Any) -> Solution:
         """``Δ`` (d_out × d_in) for keys ``K`` and residuals ``R``, from the layer's cached
         :class:`C0Factor` or from the C0 matrix (ridge applied), solved in ``dtype``; ``K_cur``:
         the original ROME's denominator keys (see solver.push_through_delta)."""
         if isinstance(C0, C0Factor):
-            return solve(K, R, C0, self.constraint, self.solve_reg, K_cur=K_cur)
-        return solve(K, R, C0, self.constraint, self.solve_reg, dtype, path="direct", K_cur=K_cur)
+            return solve(K, R, C0, self.constraint, self.solve_reg, K_cur=K_cur, **inputs)
+        return solve(K, R, C0, self.constraint, self.solve_reg, dtype, path="direct", K_cur=K_cur, **inputs)
+    # --- seams for methods with more inputs than C0 (AlphaEdit) ---------------
+    def _solve_inputs(self, lm: LanguageModel, layer: int, C0: torch.Tensor | C0Factor) -> dict[str, Any]:
+        """Extra keyword arguments of :func:`editkit.solver.solve` at ``layer`` (none here)."""
+        return {}
+
+    def _written(self, lm: LanguageModel, layer: int, K: torch.Tensor, edit: Edit) -> None:
+        """Called after keys ``K`` were written into ``layer`` (nothing to remember here)."""
+
+    def sequential_state(self, lm: LanguageModel) -> dict[str, torch.Tensor]:
+        """Model state besides the weights that this method's later edits read, as named
+        tensors (none here; AlphaEdit: the earlier edits' keys). Runners save it beside
+        the weights, so a resumed sequence continues exactly."""
+        return {}
+
+    def load_sequential_state(self, lm: LanguageModel, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace that state by ``tensors`` (``{}``: the state of a model without such edits)."""
 
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
                      C0: dict[int, torch.Tensor | C0Factor], edit: Edit, progress: bool) -> None:
@@ -466,7 +490,7 @@ class Editor:
                 C = C0[layer].to(W.device)
             else:
                 C = ridge(C0[layer].to(device=W.device, dtype=dtype), self.c0_ridge)
-            sol = self.solve(K.to(W.device), R.to(W.device), C, dtype, K_cur=kc)
+            sol = self.solve(K.to(W.device), R.to(W.device), C, dtype, K_cur=kc, **self._solve_inputs(lm, layer, C0[layer]))
             with torch.no_grad():
                 new = (W.to(dtype) + sol.delta).to(W.dtype)
                 if not torch.isfinite(new).all():
@@ -474,6 +498,7 @@ class Editor:
                 W.copy_(new)
             diag.setdefault("cond", {}).setdefault(layer, []).append(sol.cond)
             K = K if K_cur is None else K_cur  # the keys at which the update writes R exactly
+            self._written(lm, layer, K, edit)
             edit.keys[layer] = torch.cat([edit.keys[layer], K], 1) if layer in edit.keys else K
             edit.residuals[layer] = torch.cat([edit.residuals[layer], R], 1) if layer in edit.residuals else R
             edit.timings["solve"] = edit.timings.get("solve", 0.0) + time.perf_counter() - t0
@@ -664,3 +689,79 @@ class RROME(ROME):
 
     method: ClassVar[str] = "r-ROME"
     original_rome: ClassVar[bool] = False
+
+
+# --- AlphaEdit: the update projected onto the null space of the preserved keys ---------
+
+def preserved_keys(lm: LanguageModel, layer: int) -> torch.Tensor | None:
+    """``K_p K_pᵀ`` at ``layer``: the Gram matrix (float64, d_in × d_in) of the keys that
+    AlphaEdit edits have written into ``lm`` and that are still applied, or None.
+
+    It is state of the edited model, like its weights: each AlphaEdit edit adds its
+    keys, ``undo()`` puts the previous matrix back, ``commit()`` keeps it, and
+    :func:`editkit.experiments.sequential_batched` saves it beside the weights so that
+    a resumed run continues with the same ``K_p``. A d_in × d_in matrix rather than
+    the keys themselves: its size does not grow with the number of edits."""
+    return lm.cache.get(("preserved_keys", layer))
+
+
+@register
+@dataclass(kw_only=True)
+class AlphaEdit(Editor):
+    """Null-space constrained editing (Fang et al., ICLR 2025): MEMIT's keys and values,
+    with the update confined to the directions the preserved keys (almost) never visit,
+
+        Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + λ I)⁻¹,   P = Û Ûᵀ,
+
+    Û the eigenvectors of C0 whose eigenvalues are below ``nullspace_threshold``
+    (absolute, the authors' convention, or a fraction of the top eigenvalue with
+    ``nullspace_relative``; see :class:`editkit.solver.NullSpace`), λ = ``reg`` (the
+    authors' ``L2``), and K_p the keys of the earlier AlphaEdit edits still applied
+    to the model (:func:`preserved_keys`). Defaults are the authors' GPT-2 XL, GPT-J
+    and Llama-3-8B settings (λ = 10, threshold 2e-2). C0 is never inverted, so
+    ``c0_ridge`` plays no role; the projector is computed once per layer and C0 and
+    cached beside it on the model."""
+
+    reg: float = 10.0
+    nullspace_threshold: float = 2e-2
+    nullspace_relative: bool = False
+    solve_path: str = "direct"  # C0 is never factorized: the projector comes from its eigenvectors
+    method: ClassVar[str] = "AlphaEdit"
+    constraint: ClassVar[str] = "null_space"
+    aliases: ClassVar[dict[str, str]] = {"L2": "reg"}
+
+    def null_space(self, lm: LanguageModel, layer: int, C0: torch.Tensor | C0Factor) -> NullSpace:
+        """The projector's basis for ``C0`` at ``layer`` (or for ``L Lᵀ`` of its cached
+        factor), computed once and cached on ``lm`` beside C0 (reused while the same C0
+        tensor or factor is passed)."""
+        key = ("null_space", layer, self.nullspace_threshold, self.nullspace_relative)
+        hit = lm.cache.get(key)
+        if hit is None or hit[0] is not C0:
+            C = C0.L @ C0.L.mT if isinstance(C0, C0Factor) else C0
+            ns = NullSpace.of(C, self.nullspace_threshold, self.nullspace_relative)
+            log.info("AlphaEdit layer %d: the null space of C0 has %d of %d dimensions (eigenvalues < %.3g; "
+                     "top %.3g)", layer, ns.rank, ns.basis.shape[0], ns.cut, ns.top)
+            hit = lm.cache[key] = (C0, ns)
+        return hit[1]
+
+    def _solve_inputs(self, lm: LanguageModel, layer: int, C0: torch.Tensor | C0Factor) -> dict[str, Any]:
+        return {"null_space": self.null_space(lm, layer, C0), "preserved": preserved_keys(lm, layer)}
+
+    def _written(self, lm: LanguageModel, layer: int, K: torch.Tensor, edit: Edit) -> None:
+        key = ("preserved_keys", layer)
+        old = lm.cache.get(key)
+        edit.state_before.setdefault(key, old)
+        K = K.to(torch.float64)
+        # a new tensor, never in place: the Edit's reference to the old one is its undo record
+        lm.cache[key] = K @ K.T if old is None else old + K.to(old.device) @ K.to(old.device).T
+
+    def sequential_state(self, lm: LanguageModel) -> dict[str, torch.Tensor]:
+        return {f"preserved_keys.{l}": g for l in self.layers if (g := preserved_keys(lm, l)) is not None}
+
+    def load_sequential_state(self, lm: LanguageModel, tensors: dict[str, torch.Tensor]) -> None:
+        for l in self.layers:
+            g = tensors.get(f"preserved_keys.{l}")
+            if g is None:
+                lm.cache.pop(("preserved_keys", l), None)
+            else:
+                lm.cache[("preserved_keys", l)] = g.to(torch.float64)

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import threading
@@ -499,6 +500,17 @@ def perplexity(lm: LanguageModel, texts: Sequence[str], batch_size: int = 16, ma
     return float(torch.tensor(nll / max(count, 1)).exp())
 
 
+@contextmanager
+def _restored_state(editor: Editor, lm: LanguageModel) -> Iterator[dict[str, torch.Tensor]]:
+    """The method's state besides the weights (AlphaEdit's K_p K_pᵀ) as the sequence found
+    it, put back when the sequence ends: like the weights, the model leaves a run as it came."""
+    state = editor.sequential_state(lm)
+    try:
+        yield state
+    finally:
+        editor.load_sequential_state(lm, state)
+
+
 # --- study 1: layer sweep ----------------------------------------------------
 
 def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str | Editor] = ("ROME", "MEMIT"),
@@ -565,21 +577,33 @@ def _layer_trace(lm: LanguageModel, store: RunStore, recs: list, *,
 # --- study 2: batch editing ----------------------------------------------------
 
 def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str | Editor] = ("MEMIT", "EMMET"),
-                layer: int = 1, batch_sizes: Sequence[int] = (16, 64, 256), *, preset: str | None = None,
-                regs: dict[str, Sequence[float]] | None = None, editor_kwargs: dict | None = None,
-                eval_batch_size: int = 64, run_dir: str | os.PathLike | None = None,
-                root: str | os.PathLike = "runs", progress: bool = True, cluster: Any = None) -> pd.DataFrame:
-    """One batch of each size edited into the unedited model and scored (the first
-    ``batch_size`` records, so batches are nested). ``regs`` optionally sweeps λ
-    (``{"MEMIT": [1e3, 1e4], "EMMET": [0.01, 0.1]}``); the value is in column ``reg``.
-    ``cluster`` computes the batches on its workers (see :func:`layer_sweep`)."""
+                layer: int = 1, batch_sizes: Sequence[int] = (16, 64, 256), *, n_facts: int | None = None,
+                preset: str | None = None, regs: dict[str, Sequence[float]] | None = None,
+                editor_kwargs: dict | None = None, eval_batch_size: int = 64,
+                run_dir: str | os.PathLike | None = None, root: str | os.PathLike = "runs",
+                progress: bool = True, cluster: Any = None) -> pd.DataFrame:
+    """Every batch size scored over the same ``n_facts`` facts (default: the largest
+    batch size): ``n_facts / b`` independent batches of ``b``, each edited into the
+    *unedited* model, scored, and restored exactly. So a small batch size rests on as
+    many facts as a large one and the bands compare like with like (one batch of 4
+    would score 4 facts). ``regs`` optionally sweeps λ
+    (``{"MEMIT": [1e3, 1e4], "EMMET": [0.01, 0.1]}``); the value is in column ``reg``,
+    the batch's index in ``batch``. Each batch is one unit of the run store, so an
+    interrupted sweep resumes batch by batch. ``cluster`` computes the batches on its
+    workers (see :func:`layer_sweep`)."""
     batch_sizes = list(batch_sizes)
     if not batch_sizes:
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. batch_sizes=[16, 64]")
     _positive(eval_batch_size=eval_batch_size, **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)})
     if len(set(batch_sizes)) < len(batch_sizes):
         raise ValueError(f"batch_sizes={batch_sizes} has duplicates")
-    recs = _records(records, max(batch_sizes))
+    n = int(n_facts) if n_facts is not None else max(batch_sizes)
+    bad = [bs for bs in batch_sizes if n % bs]
+    if bad:
+        raise ValueError(f"n_facts={n} is not a multiple of batch size(s) {bad}: every batch size is scored over "
+                         f"the same facts as n_facts / b whole batches; pick n_facts a multiple of "
+                         f"{math.lcm(*batch_sizes)}")
+    recs = _records(records, n)
     kw = editor_kwargs or {}
     grid = []
     for m in methods:
@@ -588,14 +612,15 @@ def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
         if len(set(values)) < len(values):
             raise ValueError(f"regs[{base.method!r}]={values} has duplicates")
         grid += [(base.method, reg, bs, dataclasses.replace(base, reg=reg)) for reg in values for bs in batch_sizes]
-    params = dict(**_identity(lm, recs), layer=layer, batch_sizes=batch_sizes, preset=preset,
+    params = dict(**_identity(lm, recs), layer=layer, batch_sizes=batch_sizes, n_facts=n, preset=preset,
                   eval_batch_size=eval_batch_size, grid=[(m, reg, bs, ed) for m, reg, bs, ed in grid])
     store = RunStore.open("batch_sweep", params, run_dir, root)
 
     units = [Unit("pre", _batch_pre, (recs, eval_batch_size), dict(phase="pre"))]
-    units += [Unit(f"{m}-reg{unit_float(reg)}-bs{bs:06d}", _batch_post, (ed, m, reg, bs, layer, recs[:bs],
-                                                                      eval_batch_size),
-                   dict(method=m, reg=reg, batch_size=bs)) for m, reg, bs, ed in grid]
+    units += [Unit(f"{m}-reg{unit_float(reg)}-bs{bs:06d}-b{i:06d}", _batch_post,
+                   (ed, m, reg, bs, layer, recs[i * bs:(i + 1) * bs], eval_batch_size, i),
+                   dict(method=m, reg=reg, batch_size=bs, batch=i))
+              for m, reg, bs, ed in grid for i in range(n // bs)]
     run_units(store, lm, units, cluster, desc="batch sweep", progress=progress)
     return store.load()
 
@@ -606,11 +631,13 @@ def _batch_pre(lm: LanguageModel, store: RunStore, recs: list, eval_batch_size: 
 
 
 def _batch_post(lm: LanguageModel, store: RunStore, ed: Editor, m: str, reg: float, bs: int, layer: int,
-                part: list, eval_batch_size: int, *, on_output: Callable | None = None) -> pd.DataFrame:
+                part: list, eval_batch_size: int, batch: int = 0, *,
+                on_output: Callable | None = None) -> pd.DataFrame:
+    """One batch edited into the unedited model, scored, and restored."""
     t0 = time.perf_counter()
     with ed.applied(lm, part, progress=False) as edit:
         t_edit = time.perf_counter() - t0
-        frame = _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, reg=reg,
+        frame = _evaluate(lm, part, eval_batch_size, phase="post", method=m, batch_size=bs, batch=batch, reg=reg,
                           delta_norm=edit.norms[layer]["delta_norm"], edit_seconds=t_edit)
         return _with_converged(frame, part, edit)
 
@@ -683,7 +710,7 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
     n_batches = len(recs) // bs
     state_name = f"state-{m}-bs{bs:06d}"
     tick = on_output or (lambda: None)
-    with restored_weights([module]):
+    with restored_weights([module]), _restored_state(editor, lm) as start_state:
         W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
         editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
         start = 0
@@ -698,8 +725,11 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
                 start = 0
             else:
                 with torch.no_grad():
-                    module.weight.copy_(tensors["weight"].to(module.weight))
+                    module.weight.copy_(tensors.pop("weight").to(module.weight))
+                editor.load_sequential_state(lm, tensors)  # e.g. AlphaEdit's K_p K_pᵀ
                 log.info("%s bs=%d: resuming after batch %d", m, bs, start)
+        if start == 0:
+            editor.load_sequential_state(lm, start_state)
         for _ in range(start):
             tick()
         converged: dict = {}  # case_id -> converged, for the rows of every fact edited so far
@@ -731,6 +761,9 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
             frames.append(pd.DataFrame([probe]))
             # Unit, then state: a crash in between redoes batch b from the state before it
             # and atomically overwrites the same unit file, so no row is lost or duplicated.
+            # The state holds the weights and whatever else the method's next batch reads
+            # (AlphaEdit: the earlier keys K_p K_pᵀ), so a resumed run continues exactly.
             store.write(_seq_unit(m, bs, b), pd.concat(frames, ignore_index=True))
-            store.save_state(state_name, {"weight": module.weight.detach()}, {"next_batch": b + 1})
+            store.save_state(state_name, {"weight": module.weight.detach(), **editor.sequential_state(lm)},
+                             {"next_batch": b + 1})
             tick()

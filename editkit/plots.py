@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["summary", "layer_sweep", "batch_sweep", "reg_sweep", "sequential", "sequential_probes", "trace_heatmap",
-           "layer_importance", "save", "METRIC_NAMES"]
+__all__ = ["summary", "layer_sweep", "batch_sweep", "reg_sweep", "sequential", "sequential_probes",
+           "sequential_methods", "trace_heatmap", "layer_importance", "save", "METRIC_NAMES"]
 
 METRIC_NAMES = {"ES": "Efficacy (ES)", "PS": "Paraphrase (PS)", "NS": "Neighborhood (NS)", "S": "Score (S)",
                 "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighborhood magnitude"}
@@ -174,6 +174,82 @@ def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None
         ax.set_xlabel("edits so far")
         ax.set_ylabel({"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity"}[col])
     fig.suptitle(title or f"{method}: model drift under sequential editing")
+    fig.tight_layout()
+    return fig
+
+
+_PROBE_NAMES = {"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity",
+                "weight_norm": "‖Ŵ‖ (Frobenius)", "batch_delta_norm": "‖Δ‖ of the batch"}
+
+
+def sequential_methods(frame: pd.DataFrame, phase: str = "all", metrics: Sequence[str] = ("ES", "PS", "NS", "S"),
+                       probes: Sequence[str] = ("update_norm", "perplexity"), n_boot: int = 200,
+                       title: str | None = None) -> plt.Figure:
+    """Methods side by side under sequential editing: one row per batch size, one
+    column per metric (scores of ``phase``: ``"all"`` = every fact edited so far,
+    ``"batch"`` = each batch right after it) and per probe (update norm, held-out
+    perplexity); x = edits so far, one line per method.
+
+    A method that was run at a single batch size while others were run at several
+    is drawn in every row, dashed, and named "(one at a time)": r-ROME and ROME
+    apply the facts of a batch one after another, so their sequence of weights
+    does not depend on the batch size and one run serves every row.
+    """
+    rows = frame[frame["method"] != "none"]
+    sizes_by_method = rows.groupby("method")["batch_size"].unique()
+    sizes = sorted({int(b) for bs in sizes_by_method for b in bs})
+    methods = list(dict.fromkeys(rows["method"]))
+    shared = {m for m, bs in sizes_by_method.items() if len(bs) == 1 and len(sizes) > 1}
+    colors = _colors(methods)
+    s = summary(rows[rows["phase"] == phase], ["method", "batch_size", "edits_so_far"], n_boot)
+    s = s[s["metric"].isin(metrics)]
+    p = rows[rows["phase"] == "probe"]
+    base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
+    probes = [c for c in probes if c in p and p[c].notna().any()]
+    cols = list(metrics) + probes
+    fig, axes = plt.subplots(len(sizes), len(cols), figsize=(3.3 * len(cols), 2.9 * len(sizes)), squeeze=False,
+                             sharex=True)
+    for r, bs in enumerate(sizes):
+        for c, col in enumerate(cols):
+            ax = axes[r][c]
+            for i, m in enumerate(methods):
+                own = m not in shared
+                if own and bs not in sizes_by_method[m]:
+                    continue
+                sel = (lambda d: d[d["method"] == m]) if not own else (lambda d: d[(d["method"] == m)
+                                                                               & (d["batch_size"] == bs)])
+                style = dict(color=colors[m], marker=_MARKERS[i % 5], ms=3.5, ls=":" if not own else "-",
+                             label=f"{m} (one at a time)" if not own else m)
+                if col in metrics:
+                    g = sel(s[s["metric"] == col]).sort_values("edits_so_far")
+                    ax.plot(g["edits_so_far"], g["value"], **style)
+                    ax.fill_between(g["edits_so_far"], g["ci_low"], g["ci_high"], alpha=0.15, color=colors[m],
+                                    linewidth=0)
+                else:
+                    g = sel(p).sort_values("edits_so_far")
+                    ax.plot(g["edits_so_far"], g[col], **style)
+            if col in metrics:
+                ax.set_ylim(-2, 102)
+                ax.set_ylabel(f"{METRIC_NAMES.get(col, col)} (%)" if c == 0 else "score (%)")
+            else:
+                if col == "perplexity" and len(base) and "perplexity" in base:
+                    ax.axhline(base["perplexity"].iloc[0], ls=":", color="grey", lw=1, label="unedited")
+                    ax.set_yscale("log")
+                ax.set_ylabel(_PROBE_NAMES.get(col, col))
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{METRIC_NAMES.get(col, _PROBE_NAMES.get(col, col))}, batches of {bs}", fontsize=9)
+            if r == len(sizes) - 1:
+                ax.set_xlabel("edits so far")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    for ax in axes[0]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 1.0),
+               frameon=False)
+    what = "all facts edited so far" if phase == "all" else "each batch right after it"
+    fig.suptitle(title or f"Does null-space projection change the answer? Scores of {what}", y=1.04)
     fig.tight_layout()
     return fig
 

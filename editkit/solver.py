@@ -5,8 +5,11 @@ All three minimise the preservation term ``‖Ŵ K0 − W K0‖²`` (which only 
 
 * least squares (MEMIT):   Δ = R Kᵀ (λ C0 + K Kᵀ)⁻¹
 * equality (ROME, EMMET):  Δ = R D⁻¹ Kᵀ C0⁻¹,  D = Kᵀ C0⁻¹ K (+ λ_E I when E > 1)
+* null space (AlphaEdit):  Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + λ I)⁻¹,  P = Û Ûᵀ
 
-ROME is the equality form with E = 1. Solves use Cholesky factorizations, never
+ROME is the equality form with E = 1. In the null-space form the preservation term
+is not traded off at all: Δ is confined to the directions where C0 has (almost) no
+energy, see :class:`NullSpace`. Solves use Cholesky factorizations, never
 explicit inverses, in float64 by default.
 
 Two paths give the same Δ:
@@ -31,9 +34,9 @@ from typing import Callable, Literal
 import torch
 
 __all__ = ["solve", "Solution", "SingularSystemError", "least_squares_delta", "equality_delta", "ridge",
-           "C0Factor", "push_through_delta", "c0_checksum"]
+           "C0Factor", "push_through_delta", "c0_checksum", "NullSpace", "null_space_delta"]
 
-Constraint = Literal["least_squares", "equality"]
+Constraint = Literal["least_squares", "equality", "null_space"]
 SolvePath = Literal["cached", "direct"]
 
 
@@ -233,8 +236,8 @@ def equality_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor
 
 
 def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constraint: Constraint, reg: float,
-          dtype: torch.dtype = torch.float64, path: SolvePath = "cached", K_cur: torch.Tensor | None = None
-          ) -> Solution:
+          dtype: torch.dtype = torch.float64, path: SolvePath = "cached", K_cur: torch.Tensor | None = None, *,
+          null_space: "NullSpace | None" = None, preserved: torch.Tensor | None = None) -> Solution:
     """Δ for keys ``K`` (d_in × E), residuals ``R`` (d_out × E) and second moment ``C0``.
 
     ``C0`` is the d_in × d_in tensor or its :class:`C0Factor`. ``reg`` is λ
@@ -245,8 +248,27 @@ def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constra
     ``dtype`` on K's device — with a factor, in the factor's dtype on its device
     (e.g. a float32 factor kept on the CPU), Δ returned on K's device. Raises
     :class:`SingularSystemError` rather than ever returning non-finite weights.
+
+    ``constraint="null_space"`` (AlphaEdit) never factorizes C0: ``reg`` is the weight
+    of ``‖Δ‖²`` (the authors' ``L2``), ``null_space`` the projector's basis (default
+    ``NullSpace.of(C0)``, the authors' absolute threshold) and ``preserved`` the Gram
+    matrix ``K_p K_pᵀ`` (d_in × d_in) of earlier edits' keys; ``path`` plays no role.
     """
     out_device = K.device
+    if constraint != "null_space" and (null_space is not None or preserved is not None):
+        raise ValueError(f"null_space= and preserved= belong to constraint='null_space', not {constraint!r}")
+    if constraint == "null_space":
+        if null_space is None:
+            C = C0.L @ C0.L.mT if isinstance(C0, C0Factor) else C0
+            null_space = NullSpace.of(C.to(dtype))
+        K, R = (t.to(dtype=dtype) for t in (K, R))
+        if K.shape[0] != null_space.basis.shape[0] or K.shape[1] != R.shape[1]:
+            raise ValueError(f"shape mismatch: K {tuple(K.shape)}, R {tuple(R.shape)}, null-space basis "
+                             f"{tuple(null_space.basis.shape)}")
+        sol = null_space_delta(K, R, null_space, reg, preserved)
+        if not torch.isfinite(sol.delta).all():
+            raise SingularSystemError("the update is not finite; the system is numerically singular")
+        return sol
     if isinstance(C0, C0Factor):
         if path != "cached":
             raise ValueError("path='direct' needs the C0 tensor, not its C0Factor; pass C0 or use path='cached'")
@@ -263,7 +285,7 @@ def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constra
     if K.shape[0] != d_in or K.shape[1] != R.shape[1]:
         raise ValueError(f"shape mismatch: K {tuple(K.shape)}, R {tuple(R.shape)}, C0 {d_in}×{d_in}")
     if constraint not in ("least_squares", "equality"):
-        raise ValueError(f"constraint={constraint!r}: choose 'least_squares' or 'equality'")
+        raise ValueError(f"constraint={constraint!r}: choose 'least_squares', 'equality' or 'null_space'")
     if path not in ("cached", "direct"):
         raise ValueError(f"path={path!r}: choose 'cached' (reuse C0's factor) or 'direct' (factorize per batch)")
     if path == "direct":
@@ -277,3 +299,105 @@ def solve(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, constra
         raise SingularSystemError("the update is not finite; the system is numerically singular")
     sol.delta = sol.delta.to(out_device)
     return sol
+
+
+# --- AlphaEdit: the update confined to the null space of the preserved keys ---------
+
+@dataclass
+class NullSpace:
+    """The directions of key space that the preserved keys (almost) never visit.
+
+    ``C0 = E[k kᵀ]`` has eigenpairs ``(μ_j, u_j)`` with ``μ_j = E[(u_jᵀ k)²]``: the
+    mean squared component of a preserved key along ``u_j``. The basis ``Û`` holds
+    the ``u_j`` with ``μ_j`` below the cut, and ``P = Û Ûᵀ`` projects onto their
+    span. An update with ``Δ = Δ P`` then changes ``W k`` only by ``Δ k = Δ Û Ûᵀ k``,
+    whose mean square over preserved keys is at most the cut times ``‖Δ‖²``: the
+    preserved outputs are untouched to that tolerance, without any trade-off term.
+
+    The threshold's meaning is explicit:
+
+    * ``relative=False`` (the authors' convention): the cut is ``threshold`` itself,
+      an absolute mean squared key component. The authors' statistics are the same
+      uncentered mean ``E[k kᵀ]`` as editkit's C0 (not a sum over tokens), so their
+      number means the same thing here; but it is a property of one model's
+      activation scale (their released GPT-2 XL and Llama-3-8B settings use 2e-2;
+      the paper's text, 1e-2), not a portable constant.
+    * ``relative=True``: the cut is ``threshold · μ_max``, a fraction of the top
+      eigenvalue, which carries across models and layers of other scales.
+
+    ``Û`` (d_in × r) is kept instead of the d_in × d_in ``P``: the solve works in
+    the r-dimensional subspace, where its system is symmetric positive definite.
+    """
+
+    basis: torch.Tensor  # Û, d_in × r, orthonormal columns
+    threshold: float
+    relative: bool
+    cut: float  # the absolute eigenvalue cut that was applied
+    top: float  # μ_max, the largest eigenvalue of C0
+
+    @classmethod
+    def of(cls, C0: torch.Tensor, threshold: float = 2e-2, relative: bool = False) -> "NullSpace":
+        """Û from the eigenvectors of ``C0`` whose eigenvalues are below the cut (see class doc)."""
+        if not threshold > 0:
+            raise ValueError(f"nullspace_threshold={threshold!r}: give a positive number (absolute, or a "
+                             f"fraction of the top eigenvalue with relative=True)")
+        if not torch.isfinite(C0).all():
+            raise ValueError("C0 has non-finite entries; recompute the statistics")
+        C = C0.to(torch.float64)
+        mu, U = torch.linalg.eigh((C + C.T) / 2)
+        top = mu[-1].item()
+        cut = threshold * top if relative else threshold
+        return cls(U[:, mu < cut].to(C0.dtype).contiguous(), float(threshold), bool(relative), float(cut), top)
+
+    @property
+    def rank(self) -> int:
+        """r, the dimension of the null space (0: no direction is free to edit)."""
+        return self.basis.shape[1]
+
+    @property
+    def projector(self) -> torch.Tensor:
+        """``P = Û Ûᵀ`` (d_in × d_in), symmetric and idempotent."""
+        return self.basis @ self.basis.T
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "NullSpace":
+        return NullSpace(self.basis.to(device=device, dtype=dtype), self.threshold, self.relative, self.cut,
+                         self.top)
+
+
+def null_space_delta(K: torch.Tensor, R: torch.Tensor, null_space: NullSpace, reg: float = 1.0,
+                     preserved: torch.Tensor | None = None) -> Solution:
+    """AlphaEdit: ``Δ = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + λ I)⁻¹`` with ``P = Û Ûᵀ``.
+
+    It minimizes, over updates confined to the null space (``Δ = Δ P``),
+
+        ‖Δ K − R‖²  +  λ ‖Δ‖²  +  ‖Δ K_p‖²
+
+    (memorize the new pairs; keep the update small; leave earlier edits' outputs
+    where they are), with ``preserved = K_p K_pᵀ``. Writing ``Δ = X Ûᵀ`` the normal
+    equations are ``X (Ûᵀ (K_p K_pᵀ + K Kᵀ) Û + λ I) = R Kᵀ Û``: an r × r symmetric
+    positive definite system (Cholesky), the same Δ as the paper's d × d form
+    (which is not symmetric) at lower cost.
+    """
+    U = null_space.basis.to(device=K.device, dtype=K.dtype)
+    if U.shape[0] != K.shape[0]:
+        raise ValueError(f"shape mismatch: null-space basis {tuple(U.shape)} for keys {tuple(K.shape)}")
+    if reg < 0:
+        raise ValueError(f"reg={reg!r}: the weight of ‖Δ‖² must be ≥ 0 (AlphaEdit's L2)")
+    if null_space.rank == 0:
+        raise SingularSystemError(
+            f"the null space is empty: every eigenvalue of C0 is above the cut {null_space.cut:.3g} "
+            f"(top eigenvalue {null_space.top:.3g}), so no update can leave the preserved keys untouched; "
+            "raise nullspace_threshold (or use relative=True with a fraction of the top eigenvalue)")
+    UK = U.T @ K  # r × E: the keys' components in the null space
+    A = UK @ UK.T
+    if preserved is not None:
+        if preserved.shape != (K.shape[0], K.shape[0]):
+            raise ValueError(f"preserved must be K_p K_pᵀ, {K.shape[0]}×{K.shape[0]} (got {tuple(preserved.shape)})")
+        A = A + U.T @ preserved.to(device=K.device, dtype=K.dtype) @ U
+    if reg:
+        A = A + reg * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    L = _cholesky(A, f"Ûᵀ(K_p K_pᵀ + K Kᵀ)Û + λI ({A.shape[0]}×{A.shape[0]})",
+                  "set reg (AlphaEdit's L2) > 0: with λ = 0 the system is singular whenever the null space "
+                  "has more dimensions than there are keys")
+    X = torch.cholesky_solve(UK @ R.T, L).T  # d_out × r, from X A = R Kᵀ Û (A symmetric)
+    return Solution(X @ U.T, _cond_from_cholesky(L))

@@ -108,8 +108,9 @@ def test_batch_sweep_sizes_and_lambda(lm, records, tmp_path):
                                     regs={"MEMIT": [1.0, 100.0]}, root=tmp_path, progress=False)
     post = frame[frame.phase == "post"]
     counts = post.groupby(["method", "reg", "batch_size"]).case_id.nunique()
-    assert counts.loc[("MEMIT", 1.0, 4)] == 4 and counts.loc[("EMMET", 0.1, 2)] == 2
-    assert len(counts) == 2 * 2 + 2
+    # every batch size is scored over the same 4 facts: 2 batches of 2, or 1 of 4
+    assert (counts == 4).all() and len(counts) == 2 * 2 + 2
+    assert post.groupby(["method", "reg", "batch_size"]).batch.nunique().loc[("MEMIT", 1.0, 2)] == 2
     fig = plots.batch_sweep(frame)
     assert len(fig.axes) == 3
     fig = plots.reg_sweep(frame)  # one panel per (method, batch size); x = λ
@@ -141,6 +142,30 @@ def test_a_registered_method_runs_through_the_runners(lm, records, tmp_path, toy
     toy, memit = (post[post.method == m].drop(columns="method").reset_index(drop=True) for m in ("TOY", "MEMIT"))
     assert len(toy) > 0 and set(toy.reg) == {1.0}
     pd.testing.assert_frame_equal(toy.drop(columns="edit_seconds"), memit.drop(columns="edit_seconds"))
+
+
+def test_batch_sweep_batches_are_independent_and_resume(lm, records, tmp_path, monkeypatch):
+    """Batch 1 of size 2 is edited into the unedited model, not on top of batch 0: its
+    rows equal an edit of those two facts alone. An interrupted sweep resumes per batch."""
+    before = lm.edit_module(1).weight.clone()
+    args = (lm, records, ["MEMIT"], 1, [2, 4])
+    _interrupt_after(monkeypatch, 3)  # pre, batch 0 and batch 1 of size 2, then dies
+    with pytest.raises(Interrupt):
+        experiments.batch_sweep(*args, editor_kwargs=FAST, run_dir=tmp_path / "run", progress=False)
+    assert torch.equal(lm.edit_module(1).weight, before)
+    monkeypatch.undo()
+    frame = experiments.batch_sweep(*args, editor_kwargs=FAST, run_dir=tmp_path / "run", progress=False)
+    assert torch.equal(lm.edit_module(1).weight, before)
+    post = frame[frame.phase == "post"]
+    assert not post.duplicated(["batch_size", "batch", "case_id", "kind", "prompt_index"]).any()
+    second = post[(post.batch_size == 2) & (post.batch == 1)].sort_values(["case_id", "kind", "prompt_index"])
+    editor = experiments.make_editor("MEMIT", 1, **FAST)
+    with editor.applied(lm, records[2:4], progress=False):
+        alone = ek.evaluate(lm, records[2:4], progress=False).sort_values(["case_id", "kind", "prompt_index"])
+    assert list(second.case_id) == list(alone.case_id)
+    assert second.nll_new.to_numpy() == pytest.approx(alone.nll_new.to_numpy(), rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="n_facts=6 is not a multiple.*multiple of 4"):
+        experiments.batch_sweep(lm, records, ["MEMIT"], 1, [2, 4], n_facts=6, editor_kwargs=FAST, root=tmp_path)
 
 
 def test_sequential_batched_resumes_to_the_same_result(lm, records, tmp_path, monkeypatch):
