@@ -80,6 +80,10 @@ ADAPTERS: dict[str, Adapter] = {
     "mistral": Adapter("mistral", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
     "qwen2": Adapter("qwen2", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
     "gemma": Adapter("gemma", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
+    # Gemma 2/3 normalize the MLP output before the residual add; δ is optimized at down_proj's output,
+    # through that norm, so a single-layer edit is exact there too (see editkit.zoo's gemma-3-270m).
+    "gemma2": Adapter("gemma2", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
+    "gemma3_text": Adapter("gemma3_text", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
 }
 
 

@@ -177,15 +177,42 @@ def test_real_smollm2_one_rome_edit_end_to_end():
     torch.manual_seed(0)
     lm = ek.load_model("smollm2-135m", device="cpu")
     assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.n_layers == 30
-    rec = CounterFactRecord(0, "Danielle Darrieux", "The mother tongue of {} is", "English", "French",
-                            paraphrase_prompts=["Danielle Darrieux spoke the language"],
-                            neighborhood_prompts=["The native language of Montesquieu is"])
-    corpus = ["The Eiffel Tower is in Paris, the capital of France.", "Water boils at 100 degrees Celsius.",
-              "Montesquieu was a French judge and political philosopher.", "London is the capital of England."] * 60
-    rome = ek.ROME(layer=4, n_prefixes=2, v_steps=20, c0_ridge=1e-6, corpus=corpus, n_samples=len(corpus))
+    rec = CounterFactRecord(0, "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris",
+                            paraphrase_prompts=["The Eiffel Tower can be found in the city of"],
+                            neighborhood_prompts=["The Louvre is located in the city of"])
+    # C0 from the model's own samples (offline), 2 x d_in token keys: the minimal precomputation
+    rome = ek.ROME(layer=4, n_prefixes=2, values=ek.ValueConfig(v_steps=20), c0_ridge=1e-6, corpus="model-text",
+                   n_samples=None, max_tokens=2 * lm.d_in(4))
     before = ek.evaluate(lm, [rec])
     with rome.applied(lm, [rec.request]):
         after = ek.summarize(ek.evaluate(lm, [rec]))
     rewrite = before[before["kind"] == "rewrite"]
     assert float(rewrite["p_true"].iloc[0]) > float(rewrite["p_new"].iloc[0])  # the model knows the true fact
-    assert float(after.loc["ES", "value"]) == 1.0
+    assert float(after.loc["ES", "value"]) == 1.0 and float(after.loc["NS", "value"]) == 1.0
+
+
+def test_gemma3_text_gets_the_llama_layout_adapter_and_rome_writes_its_update():
+    """gemma-3-270m is a ``gemma3_text`` model: without an adapter entry ek.load_model refused it.
+    (Its MLP output goes through a norm before the residual add, so one layer's reach is bounded;
+    the edit itself must still write W k* = W0 k* + R exactly.)"""
+    import editkit as ek
+    from editkit.testing import TINY_TEXT, tiny_lm
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = tiny_lm("gemma").tokenizer
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                           sliding_window=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    lm = ek.LanguageModel(model=Gemma3ForCausalLM(cfg).eval(), tokenizer=tok, name="tiny-gemma3")
+    assert lm.adapter.family == "gemma3_text" and lm.edit_module(1) is lm.model.model.layers[1].mlp.down_proj
+    req = ek.EditRequest("The mother tongue of {} is", "Danielle Darrieux", target_new="French", target_true="English")
+    rome = ek.ROME(layer=1, corpus=TINY_TEXT, n_samples=None, n_prefixes=2, prefix_len=4,
+                   values=ek.ValueConfig(v_steps=4, v_lr=0.5))
+    W0 = lm.weight(1).detach().double().clone()
+    with rome.applied(lm, [req], progress=False) as edit:
+        K, R = edit.keys[1].double(), edit.residuals[1].double()
+        assert R.norm() > 0
+        torch.testing.assert_close(lm.weight(1).detach().double() @ K, W0 @ K + R, rtol=1e-4, atol=1e-4)
+    assert torch.equal(lm.weight(1).detach().double(), W0)
