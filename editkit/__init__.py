@@ -43,7 +43,7 @@ __all__ = [
 
 # Submodules users reach as ek.experiments, ek.plots, ek.widgets (imported lazily: plots and
 # widgets pull in matplotlib/ipywidgets, which a headless editing job does not need).
-_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster", "paths"}
+_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster", "paths", "notebook"}
 
 
 def __getattr__(name):

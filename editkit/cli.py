@@ -1,24 +1,29 @@
-"""Command line: ``editkit figures`` regenerates every figure; ``editkit world build``
-builds the embedded world models; ``editkit methods`` lists the editing methods and
-their settings (from a preset with ``--preset``), as the runners would build them.
+"""Command line: ``editkit figures`` regenerates every figure; ``editkit run NOTEBOOK``
+runs one notebook with other parameters; ``editkit world build`` retrains the embedded
+world models; ``editkit methods`` lists the editing methods and their settings (from a
+preset with ``--preset``), as the runners would build them.
 
 ``figures`` executes each parameterized notebook in ``notebooks/`` with papermill
 (their defaults, or tiny parameters with ``--quick``), writes the executed copies
-to ``<runs>/notebooks/`` and the figures to ``figures/``, and exits non-zero
-naming every notebook that failed.
+to ``<runs>/notebooks/`` and the figures to ``figures/``, prints one line per notebook
+(start, finish, elapsed) under an overall progress bar, and exits non-zero naming
+every notebook that failed. Relative folders are relative to the repository.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("editkit")
 
-#: Notebooks in the order ``figures`` runs them (the world notebook first: it builds the models).
+#: Notebooks in the order ``figures`` runs them.
 NOTEBOOKS = ["world.ipynb", "quickstart.ipynb", "layer_sweep.ipynb", "batch_editing.ipynb",
              "sequential_batched.ipynb", "explore.ipynb"]
 
@@ -28,10 +33,11 @@ QUICK = {
     "world.ipynb": dict(models=["world-gpt2-mini", "world-llama-mini"], dataset="world:small", corpus="world:small",
                         n_facts=6, n_trace=2),
     "quickstart.ipynb": dict(_MINI, n_records=4),
-    "layer_sweep.ipynb": dict(_MINI, methods=["ROME", "MEMIT"], n_edits=2, layers=[0, 1], trace=True),
-    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=1, reg_batch_size=4,
+    # the mini models have 2 layers: edit layer 0 (editing the last layer is warned against)
+    "layer_sweep.ipynb": dict(_MINI, methods=["ROME", "MEMIT"], n_edits=2, layers=[0], trace=True),
+    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=0, reg_batch_size=4,
                                 regs={"MEMIT": [10.0, 100.0], "EMMET": [0.1, 1.0]}),
-    "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layer=1, compare_batch_sizes=[2],
+    "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layer=0, compare_batch_sizes=[2],
                                      compare_methods=["MEMIT", "AlphaEdit"], one_at_a_time=["r-ROME"],
                                      checkpoint_every=2),
     "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:small"),
@@ -39,36 +45,83 @@ QUICK = {
 
 
 def find_notebooks_dir(start: Path | None = None) -> Path:
-    """``notebooks/`` of the repository (cwd or the package's checkout)."""
-    for base in [start or Path.cwd(), Path(__file__).resolve().parents[1]]:
+    """``notebooks/`` of the repository this package belongs to (else of ``start``/the cwd)."""
+    from .notebook import repo_root
+
+    for base in [repo_root(), start or Path.cwd()]:
         if (base / "notebooks").is_dir():
             return base / "notebooks"
     raise FileNotFoundError("no notebooks/ folder found; run `editkit figures` from the repository root "
                             "or pass --notebooks PATH")
 
 
-def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, quick: bool,
-                  extra: dict | None = None, timeout: int | None = None) -> list[str]:
-    """Execute ``names`` with papermill; returns the names that failed."""
-    import papermill as pm
+def _quiet_kernel_warnings() -> None:
+    """The kernel client's notices that are not about the notebook: jupyter_client warns
+    that its TCP connection is unencrypted on every kernel start, and the kernel's
+    frozen-module debugger note on stderr."""
+    warnings.filterwarnings("ignore", message=".*TCP.*")
+    warnings.filterwarnings("ignore", message=".*frozen modules.*")
+    for name in ("papermill", "papermill.translators", "traitlets", "jupyter_client", "nbclient"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
-    out_dir = runs / "notebooks"
+
+def _notebook_parameters(path: Path) -> set[str]:
+    from papermill.inspection import inspect_notebook
+
+    return set(inspect_notebook(str(path)))
+
+
+def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, quick: bool,
+                  extra: dict | None = None, timeout: int | None = None, progress: bool = True,
+                  out_dir: Path | None = None) -> list[str]:
+    """Execute ``names`` with papermill; returns the names that failed. Prints one line
+    per notebook when it starts and when it ends (with its elapsed time), under an
+    overall progress bar."""
+    import os
+
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    from .notebook import repo_root
+
+    _quiet_kernel_warnings()
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the kernel's frozen-modules debugger note
+    root = repo_root()
+    if (root / "editkit" / "__init__.py").exists():  # the kernel imports this checkout's editkit, as the CLI does
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    out_dir = out_dir or runs / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = []
-    for name in names:
-        params = dict(QUICK.get(name, {})) if quick else {}
+    t_all = time.perf_counter()
+    bar = tqdm(total=len(names), desc="notebooks", unit="nb", disable=not progress, file=sys.stdout,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+    for k, name in enumerate(names, 1):
+        params = dict(QUICK.get(name, {}), quick=True) if quick else {}
         params.update(figures_dir=str(figures.resolve()), runs_dir=str(runs.resolve()))
         params.update(extra or {})
+        known = _notebook_parameters(notebooks / name)
+        unknown = sorted(set(params) - known)
+        params = {k_: v for k_, v in params.items() if k_ in known or k_ in (extra or {})}
+        if unknown and set(unknown) - {"figures_dir", "runs_dir", "quick"}:
+            log.warning("%s has no parameter(s) %s", name, ", ".join(unknown))
         t0 = time.perf_counter()
-        log.info("running %s with %s", name, params)
+        bar.write(f"[{k}/{len(names)}] {name}: started {time.strftime('%H:%M:%S')}")
         try:
             pm.execute_notebook(str(notebooks / name), str(out_dir / name), parameters=params,
                                 cwd=str(notebooks), kernel_name="python3", progress_bar=False,
-                                execution_timeout=timeout)
-            log.info("%s finished in %.0f s", name, time.perf_counter() - t0)
+                                execution_timeout=timeout, log_output=False,
+                                # the kernel's own log: its per-start "running over TCP without encryption"
+                                # warning is about the local kernel transport, not the notebook
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
+            bar.write(f"[{k}/{len(names)}] {name}: finished in {_elapsed(time.perf_counter() - t0)}")
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's traceback
-            log.error("%s FAILED after %.0f s: %s", name, time.perf_counter() - t0, str(exc).splitlines()[0:3])
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            bar.write(f"[{k}/{len(names)}] {name}: FAILED after {_elapsed(time.perf_counter() - t0)}: "
+                      f"{' | '.join(lines[-2:])}")
             failed.append(name)
+        bar.update(1)
+    bar.close()
+    log.info("%d notebook(s) in %s", len(names), _elapsed(time.perf_counter() - t_all))
     return failed
 
 
@@ -90,6 +143,20 @@ def describe_methods(preset: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _elapsed(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p NAME VALUE`` value: a Python literal (``100``, ``None``, ``['ROME', 'MEMIT']``)
+    when it parses as one, else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="editkit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,42 +165,69 @@ def main(argv: list[str] | None = None) -> int:
     fig.add_argument("--quick", action="store_true", help="tiny parameters on the miniature world (seconds)")
     fig.add_argument("--only", nargs="+", metavar="NOTEBOOK", help="run only these notebooks")
     fig.add_argument("--notebooks", type=Path, default=None)
-    fig.add_argument("--figures", type=Path, default=Path("figures"))
-    fig.add_argument("--runs", type=Path, default=Path("runs"))
+    fig.add_argument("--figures", type=Path, default=Path("figures"), help="relative to the repository")
+    fig.add_argument("--runs", type=Path, default=Path("runs"), help="relative to the repository")
     fig.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
-    world = sub.add_parser("world", help="the embedded world")
+    run = sub.add_parser("run", help="run one notebook with other parameters",
+                         description="Run notebooks/NOTEBOOK.ipynb with papermill; the executed copy goes to "
+                         "runs/notebooks/NOTEBOOK.ipynb (or --out). Values are Python literals when they parse "
+                         "as one: -p n_edits 100 -p methods \"['ROME', 'MEMIT']\" -p model gpt2-xl. "
+                         "List a notebook's parameters with --help-notebook.")
+    run.add_argument("notebook", help="name in notebooks/ (with or without .ipynb) or a path")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    run.add_argument("--quick", action="store_true", help="start from the notebook's --quick parameters")
+    run.add_argument("--out", type=Path, default=None, help="executed notebook (default runs/notebooks/NAME)")
+    run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    run.add_argument("--help-notebook", action="store_true", help="list the notebook's parameters and exit")
+    world = sub.add_parser("world", help="the embedded world: retrain its models from the code",
+                           description="Retrain the embedded world models into the user cache ($EDITKIT_CACHE/world) "
+                           "and report whether the weights equal the ones shipped in the package. "
+                           "Load a rebuild with ek.load_model(<printed directory>).")
     world.add_argument("action", choices=["build"])
     world.add_argument("--models", nargs="+", default=["world-gpt2", "world-llama"])
+    world.add_argument("--force", action="store_true", help="retrain even when the cache has a build")
+    world.add_argument("--ship", action="store_true",
+                       help="maintainers: copy the builds into editkit/world/models (then commit them)")
     methods = sub.add_parser("methods", help="list the editing methods and their settings")
     methods.add_argument("--preset", default=None, help="show the settings this preset gives each method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _quiet_kernel_warnings()
 
     if args.command == "world":
-        from .world import WORLD_MODELS, build_world
+        from .world import WORLD_MODELS, build_world, ship_world
 
         bad = [m for m in args.models if m not in WORLD_MODELS]
         if bad:
             parser.error(f"unknown world model(s) {', '.join(bad)}; valid names: {', '.join(sorted(WORLD_MODELS))}")
-        for path in build_world(args.models, progress=True):
-            print(path)
+        built = ship_world(args.models) if args.ship else build_world(args.models, force=args.force)
+        for name, path in built.items():
+            print(f"{name}\t{path}")
         return 0
 
     if args.command == "methods":
         print(describe_methods(args.preset))
         return 0
 
+    from .notebook import resolve_dir
+
+    if args.command == "run":
+        return _run_one(parser, args)
+
     if args.notebooks is not None and not args.notebooks.is_dir():
         parser.error(f"--notebooks {args.notebooks}: no such folder")
+
     notebooks = args.notebooks or find_notebooks_dir()
+    if args.quick and args.figures == Path("figures"):
+        args.figures = args.runs / "quick-figures"  # quick figures never overwrite the real ones
+    args.figures, args.runs = resolve_dir(args.figures), resolve_dir(args.runs)
     names = args.only or [n for n in NOTEBOOKS if (notebooks / n).exists()]
+    names = [n if n.endswith(".ipynb") else f"{n}.ipynb" for n in names]
     unknown = [n for n in names if not (notebooks / n).exists()]
     if unknown:
         parser.error(f"no such notebook(s) in {notebooks}: {', '.join(unknown)}")
     if not names:
         parser.error(f"no notebooks to run in {notebooks} (expected {', '.join(NOTEBOOKS)})")
-    if args.quick and args.figures == Path("figures"):
-        args.figures = args.runs / "quick-figures"  # quick figures never overwrite the real ones
     failed = run_notebooks(names, notebooks, args.figures, args.runs, args.quick, timeout=args.timeout)
     if failed:
         print(f"editkit figures: {len(failed)} notebook(s) failed: {', '.join(failed)} "
@@ -141,6 +235,41 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"editkit figures: {len(names)} notebook(s) ran; figures in {args.figures}")
     return 0
+
+
+def _run_one(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .notebook import resolve_dir
+
+    path = Path(args.notebook)
+    if not path.suffix:
+        path = path.with_suffix(".ipynb")
+    if not path.exists():
+        path = find_notebooks_dir() / path.name
+    if not path.exists():
+        parser.error(f"no notebook {args.notebook!r}; choose one of {', '.join(n[:-6] for n in NOTEBOOKS)}")
+    known = _notebook_parameters(path)
+    if args.help_notebook:
+        from papermill.inspection import inspect_notebook
+
+        print(f"Parameters of {path.name} (pass with -p NAME VALUE):")
+        for name, p in inspect_notebook(str(path)).items():
+            print(f"  {name}: {p['inferred_type_name']} = {p['default']}" + (f"  # {p['help']}" if p["help"] else ""))
+        return 0
+    params = {name: parse_value(value) for name, value in args.parameter}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        parser.error(f"{path.name} has no parameter(s) {', '.join(unknown)}; it has: {', '.join(sorted(known))}")
+    quick = dict(QUICK.get(path.name, {}), quick=True) if args.quick else {}
+    runs = resolve_dir("runs")
+    out = args.out or runs / "notebooks" / path.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = run_notebooks([path.name], path.parent, resolve_dir(runs / "quick-figures" if args.quick else "figures"),
+                           runs, quick=False, extra={**quick, **params}, timeout=args.timeout, out_dir=out.parent)
+    if out.name != path.name and not failed:
+        (out.parent / path.name).replace(out)
+    print(f"editkit run: {path.name} {'FAILED' if failed else 'ran'}; executed copy in {out}",
+          file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import threading
@@ -458,6 +459,15 @@ def _with_converged(frame: pd.DataFrame, records: Sequence[Any], edit: Any) -> p
     return frame
 
 
+def _check_layers(lm: LanguageModel, layers: Sequence[int], what: str = "layers") -> None:
+    """Refuse layers the model does not have before any work starts (a sweep over
+    ``range(8)`` on a 4-layer model would otherwise fail minutes in, at layer 4)."""
+    bad = [l for l in layers if not isinstance(l, numbers.Integral) or isinstance(l, bool) or not 0 <= l < lm.n_layers]
+    if bad:
+        raise ValueError(f"{what}={list(layers) if what == 'layers' else layers[0]!r}: {lm.name} has {lm.n_layers} layers "
+                         f"(0..{lm.n_layers - 1}); {bad} out of range. Pass e.g. layers=range({lm.n_layers}).")
+
+
 def _evaluate(lm, records, eval_batch_size, /, **cols) -> pd.DataFrame:
     from .metrics import evaluate
 
@@ -528,6 +538,7 @@ def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
     recs = _records(records, n_edits)
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     _positive(chunk=chunk, eval_batch_size=eval_batch_size)
+    _check_layers(lm, layers)
     kw = editor_kwargs or {}
     editors = {(_method_name(m), l): make_editor(m, l, preset, **kw) for m in methods for l in layers}
     params = dict(**_identity(lm, recs), methods=[_method_name(m) for m in methods], layers=layers,
@@ -604,6 +615,7 @@ def batch_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
                          f"the same facts as n_facts / b whole batches; pick n_facts a multiple of "
                          f"{math.lcm(*batch_sizes)}")
     recs = _records(records, n)
+    _check_layers(lm, [layer], "layer")
     kw = editor_kwargs or {}
     grid = []
     for m in methods:
@@ -665,6 +677,7 @@ def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Seque
     batch_sizes = list(batch_sizes)
     _positive(total_edits=total_edits, eval_batch_size=eval_batch_size,
               **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)})
+    _check_layers(lm, [layer], "layer")
     for bs in batch_sizes:
         if total_edits % bs:
             raise ValueError(f"total_edits={total_edits} is not a multiple of batch size {bs}")

@@ -7,6 +7,7 @@ in the papers; bands are 95% bootstrap intervals over records.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -20,9 +21,10 @@ if os.environ.get("MPLBACKEND") is None and not os.environ.get("DISPLAY"):
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["summary", "layer_sweep", "batch_sweep", "reg_sweep", "sequential", "sequential_probes",
-           "sequential_methods", "trace_heatmap", "layer_importance", "save", "METRIC_NAMES"]
+           "sequential_methods", "trace_heatmap", "layer_importance", "save", "set_note", "METRIC_NAMES"]
 
 METRIC_NAMES = {"ES": "Efficacy (ES)", "PS": "Paraphrase (PS)", "NS": "Neighborhood (NS)", "S": "Score (S)",
                 "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighborhood magnitude"}
@@ -41,6 +43,62 @@ def summary(frame: pd.DataFrame, by: Sequence[str], n_boot: int = 200) -> pd.Dat
 
 
 _MARKERS, _DASHES = "osD^v", ["-", "--", ":", "-.", (0, (5, 1))]
+
+#: Font sizes (points) for figures that are read at page width in the README: a 5-panel
+#: row at 18 inches shrinks its 10 pt labels to ~4 pt there, so panels go on a grid.
+_TITLE, _LABEL, _TICK, _LEGEND = 13, 12, 11, 11
+
+
+def _panels(n: int, width: float = 4.0, height: float = 3.3) -> tuple:
+    """``n`` axes on a grid of at most 3 columns (2 for four panels), flattened; a spare
+    grid cell (five panels on 2 × 3) is returned for the legend, else None."""
+    ncols = n if n <= 3 else (2 if n == 4 else 3)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n], (flat[n] if len(flat) > n else None)
+
+
+def _readable(fig: plt.Figure, axes) -> None:
+    """Font sizes for every panel (titles, axis labels, ticks)."""
+    for ax in axes:
+        ax.title.set_fontsize(_TITLE)
+        ax.xaxis.label.set_fontsize(_LABEL)
+        ax.yaxis.label.set_fontsize(_LABEL)
+        ax.tick_params(labelsize=_TICK)
+    if fig._suptitle is not None:
+        fig._suptitle.set_fontsize(_TITLE + 1)
+
+
+def _legend_off_data(fig: plt.Figure, axes, spare=None, title: str | None = None, handles=None) -> None:
+    """One legend for the figure, never over the data: in the ``spare`` grid cell when
+    there is one, else in a row below the panels. Call after the last ``tight_layout``-free
+    change; it lays the figure out itself."""
+    if handles is None:
+        handles, labels = axes[0].get_legend_handles_labels()
+    else:
+        labels = [h.get_label() for h in handles]
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if spare is not None:
+        spare.legend(handles, labels, title=title, loc="center", frameon=False, fontsize=_LEGEND,
+                     title_fontsize=_LEGEND)
+        fig.tight_layout()
+        return
+    nrows = len({ax.get_subplotspec().rowspan.start for ax in axes})
+    bottom = 0.16 / nrows if labels else 0.0
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    if labels:
+        fig.legend(handles, labels, title=title, loc="lower center", ncol=min(len(labels), 6), frameon=False,
+                   fontsize=_LEGEND, title_fontsize=_LEGEND, bbox_to_anchor=(0.5, 0.0))
+
+
+def _integer_ticks(ax) -> None:
+    """Layers are integers: no 0.5 ticks."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _colors(keys) -> dict:
@@ -65,15 +123,16 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
                 title: str | None = None) -> plt.Figure:
     """x = edited layer, y = score; one panel per metric, one line per method; the
     best layer (highest S) of each method marked; causal-tracing importance (if the
-    frame has ``phase == "trace"`` rows) as a last panel."""
+    frame has ``phase == "trace"`` rows) as a last panel. Panels on a grid (2 × 3 with the
+    legend in the sixth cell), integer layer ticks."""
     post = frame[frame["phase"] == "post"]
     s = summary(post, ["method", "layer"], n_boot)
     trace = frame[frame["phase"] == "trace"] if "phase" in frame else frame.iloc[:0]
     n = len(metrics) + (1 if len(trace) else 0)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), sharex=True, squeeze=False)
+    fig, axes, spare = _panels(n)
     best = s[s["metric"] == "S"].sort_values("value").groupby("method").tail(1).set_index("method")["layer"]
     colors = _colors(s["method"])
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes, metrics):
         _band(ax, s[s["metric"] == metric], "layer", "method", colors)
         for method, layer in best.items():
             ax.axvline(layer, ls="--", lw=0.8, color=colors[method])
@@ -81,11 +140,14 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
         ax.set_xlabel("edited layer")
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
+        _integer_ticks(ax)
+    handles = axes[0].get_legend_handles_labels()[0]
     if len(trace):
-        _importance(axes[0][-1], trace)
-    axes[0][0].legend(title="method (-- best layer)", fontsize=8)
+        _importance(axes[-1], trace)
+        handles = handles + axes[-1].get_legend_handles_labels()[0]
     fig.suptitle(title or "Single edits by layer")
-    fig.tight_layout()
+    _readable(fig, axes)
+    _legend_off_data(fig, axes, spare, title="method (dashed line: best layer)", handles=handles)
     return fig
 
 
@@ -94,26 +156,27 @@ def _metric_panels(frame: pd.DataFrame, x: str, panel: str, metrics: Sequence[st
     s = summary(frame[frame["phase"] == "post"], ["method", panel, x], n_boot)
     s = s[s["metric"].isin(metrics)]
     panels = list(s.groupby(["method", panel], sort=False).groups)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
-    for ax, (method, value) in zip(axes[0], panels):
+    fig, axes, spare = _panels(len(panels), width=4.4, height=3.5)
+    for ax, (method, value) in zip(axes, panels):
         _band(ax, s[(s["method"] == method) & (s[panel] == value)], x, "metric")
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
-    axes[0][0].legend(fontsize=8)
-    return fig, list(zip(axes[0], panels))
+    return fig, list(zip(axes, panels)), spare
 
 
 def batch_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
                 title: str | None = None) -> plt.Figure:
     """x = batch size (log), y = score; one line per metric, one panel per method
     (and per λ when the run swept it)."""
-    fig, panels = _metric_panels(frame, "batch_size", "reg", metrics, n_boot)
+    fig, panels, spare = _metric_panels(frame, "batch_size", "reg", metrics, n_boot)
     for ax, (method, reg) in panels:
         ax.set_xscale("log", base=2)
         ax.set_title(f"{method} (λ={reg:g})")
         ax.set_xlabel("batch size (edits)")
     fig.suptitle(title or "Batch editing")
-    fig.tight_layout()
+    axes = [ax for ax, _ in panels]
+    _readable(fig, axes)
+    _legend_off_data(fig, axes, spare)
     return fig
 
 
@@ -121,13 +184,15 @@ def reg_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "
               title: str | None = None) -> plt.Figure:
     """x = λ (log), y = score; one line per metric, one panel per method and batch size:
     the preservation–memorization trade-off (bigger λ keeps more of the old model)."""
-    fig, panels = _metric_panels(frame, "reg", "batch_size", metrics, n_boot)
+    fig, panels, spare = _metric_panels(frame, "reg", "batch_size", metrics, n_boot)
     for ax, (method, bs) in panels:
         ax.set_xscale("log")
         ax.set_title(f"{method}, batch of {bs}")
         ax.set_xlabel("λ_E (equality ridge)" if method == "EMMET" else "λ (mom2_update_weight)")
     fig.suptitle(title or "Effect of λ")
-    fig.tight_layout()
+    axes = [ax for ax, _ in panels]
+    _readable(fig, axes)
+    _legend_off_data(fig, axes, spare)
     return fig
 
 
@@ -138,10 +203,10 @@ def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
     ``phase="batch"`` scores each batch right after it; ``"all"`` every fact so far."""
     rows = frame[(frame["phase"] == phase) & (frame["method"] == method)]
     s = summary(rows, ["batch_size", "edits_so_far"], n_boot)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False, sharex=True)
+    fig, axes, spare = _panels(len(metrics))
     sizes = sorted(s["batch_size"].unique())
     colors = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes, metrics):
         _band(ax, s[s["metric"] == metric].sort_values("batch_size", kind="stable"), "edits_so_far", "batch_size",
               colors)
         ax.set_xscale("log", base=2)
@@ -149,10 +214,10 @@ def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
         ax.set_xlabel("edits so far")
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
-    axes[0][0].legend(title="batch size", fontsize=8)
     what = "each batch after it is applied" if phase == "batch" else "all facts edited so far"
     fig.suptitle(title or f"{method}: sequential-batched editing ({what})")
-    fig.tight_layout()
+    _readable(fig, axes)
+    _legend_off_data(fig, axes, spare, title="batch size")
     return fig
 
 
@@ -161,20 +226,21 @@ def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None
     p = frame[(frame["phase"] == "probe") & (frame["method"].isin([method]))]
     base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
     cols = ["update_norm"] + (["perplexity"] if "perplexity" in p and p["perplexity"].notna().any() else [])
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.2), squeeze=False)
+    fig, axes, spare = _panels(len(cols), width=4.6, height=3.5)
     sizes = sorted(p["batch_size"].unique())
     palette = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))  # the same colours as `sequential`
-    for ax, col in zip(axes[0], cols):
+    for ax, col in zip(axes, cols):
         sns.lineplot(data=p, x="edits_so_far", y=col, hue="batch_size", hue_order=sizes, marker="o", ms=4,
                      palette=palette, ax=ax)
         if col == "perplexity" and len(base):
             ax.axhline(base["perplexity"].iloc[0], ls=":", color="grey", label="unedited")
-        ax.legend(title="batch size", fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("edits so far")
         ax.set_ylabel({"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity"}[col])
     fig.suptitle(title or f"{method}: model drift under sequential editing")
-    fig.tight_layout()
+    _readable(fig, axes)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    _legend_off_data(fig, axes, spare, title="batch size", handles=list(handles.values()))
     return fig
 
 
@@ -285,21 +351,36 @@ def _importance(ax, frame: pd.DataFrame) -> None:
     ax.set_xlabel("layer (MLP output restored)")
     ax.set_ylabel("indirect effect on P(true object)")
     ax.set_title("Causal tracing")
-    ax.legend(fontsize=7)
+    _integer_ticks(ax)
 
 
 def layer_importance(frame: pd.DataFrame, title: str | None = None) -> plt.Figure:
     """Average indirect effect per layer at the subject's last token and at the last
     token; ``frame`` from :func:`editkit.tracing.layer_importance`."""
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
     _importance(ax, frame)
     ax.set_title(title or "Where is the fact? (causal tracing)")
-    fig.tight_layout()
+    _readable(fig, [ax])
+    _legend_off_data(fig, [ax])
     return fig
 
 
+_NOTE: str | None = None
+
+
+def set_note(note: str | None) -> None:
+    """Stamp ``note`` under every figure :func:`save` writes from now on (``None``: stop);
+    quick smoke-test runs use it so their figures cannot pass for results."""
+    global _NOTE
+    _NOTE = note
+
+
 def save(fig: plt.Figure, name: str, outdir: str | os.PathLike = "figures") -> list[Path]:
-    """Save ``fig`` as ``<outdir>/<name>.png`` and ``.pdf``; returns both paths."""
+    """Save ``fig`` as ``<outdir>/<name>.png`` and ``.pdf`` (with the :func:`set_note`
+    stamp, if any); returns both paths."""
+    if _NOTE and not getattr(fig, "_editkit_note", False):
+        fig.text(0.5, 0.0, _NOTE, ha="center", va="top", color="crimson", fontsize=10, fontweight="bold")
+        fig._editkit_note = True
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)

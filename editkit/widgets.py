@@ -775,10 +775,20 @@ def _sort_key(v: Any) -> tuple:
     return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
 
 
+#: Metrics that are not percentages (update norms, perplexity): drawn on their own panel,
+#: never on the score axis.
+_NOT_PERCENT = re.compile(r"norm|perplexity|loss|nll|seconds", re.I)
+
+
 def _line_figure(df: Any) -> Any:
-    """Summarized scores against whichever of edits / batch size / layer varies, one line per metric and method."""
+    """Summarized scores against whichever of edits / batch size / layer varies: one line per
+    metric, method and stage. Before/after rows (``when`` or ``phase``) are separate lines
+    (solid: before, dashed: after; for a single edit before → after is the x axis), never
+    averaged together; norms and other non-percent metrics get
+    their own panel; layer and edit-count axes have integer ticks."""
     import seaborn as sns
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     data = df.reset_index(drop=True)
     x = next((c for c in ("n_edits", "edits_so_far", "batch_size", "layer")
@@ -787,12 +797,49 @@ def _line_figure(df: Any) -> Any:
     if x is None:
         data = data.assign(row=range(len(data)))
         x = "row"
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    style = "method" if "method" in data.columns and data["method"].nunique() > 1 else None
-    sns.lineplot(data=data, x=x, y="value", hue="metric", style=style, marker="o", ax=ax, errorbar=None)
-    if x in ("batch_size", "n_edits", "edits_so_far") and (data[x] > 0).all():
-        ax.set_xscale("log", base=2)
+    stage = next((c for c in ("when", "phase") if c in data.columns and data[c].nunique() > 1), None)
+    stages = None
+    if stage:
+        data = data.assign(**{stage: data[stage].replace({"pre": "before", "post": "after"})})
+    if stage and data[x].nunique() == 1:  # one edit / one setting: before → after is the x axis
+        stages = sorted(data[stage].astype(str).unique(), key=lambda v: (v != "before", v))
+        data = data.assign(**{stage: data[stage].astype(str)})
+        data = data.assign(_stage_x=data[stage].map({v: i for i, v in enumerate(stages)}))
+        x, stage = "_stage_x", None
+    varying = [c for c in ("method", stage) if c and c in data.columns and data[c].nunique() > 1]
+    if varying:  # one line style per method × stage (pre dashed, post solid when only the stage varies)
+        data = data.assign(stage=data[varying].astype(str).agg(" · ".join, axis=1))
+    other = data["metric"].astype(str).str.contains(_NOT_PERCENT)
+    parts = [("score (%)", data[~other]), ("", data[other])]
+    parts = [(label, part) for label, part in parts if len(part)]
+    fig = Figure(figsize=(6.5 * len(parts), 4))
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    for ax, (label, part) in zip(axes, parts):
+        hue = "metric" if label or part["metric"].nunique() > 1 else ("layer" if "layer" in part and
+                                                                      part["layer"].nunique() > 1 else None)
+        style = "stage" if varying and part["stage"].nunique() > 1 else None
+        style_order = sorted(part["stage"].unique(), key=lambda v: ("before" not in v, v)) if style else None
+        sns.lineplot(data=part, x=x, y="value", hue=hue, style=style, style_order=style_order, marker="o", ax=ax,
+                     errorbar=None)
+        if label:
+            ax.set_ylabel(label)
+            ax.set_ylim(-2, 102)
+        else:
+            names = sorted(part["metric"].astype(str).unique())
+            ax.set_ylabel(", ".join(names))
+            ax.set_title("update norm" if all("norm" in n for n in names) else "not in percent")
+        if stages is not None:
+            ax.set_xticks(range(len(stages)), stages)
+            ax.set_xlim(-0.3, len(stages) - 0.7)
+            ax.set_xlabel("")
+        elif data[x].nunique() == 1:
+            ax.set_xticks([data[x].iloc[0]])
+        elif x in ("batch_size", "n_edits", "edits_so_far") and (part[x] > 0).all() and part[x].max() > 8:
+            ax.set_xscale("log", base=2)
+        if stages is None and x in ("layer", "n_edits", "edits_so_far", "row"):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -192,3 +192,16 @@ def test_sequential_batched_resumes_to_the_same_result(lm, records, tmp_path, mo
     for phase in ("batch", "all"):
         plots.sequential(resumed, "MEMIT", phase=phase)
     plots.sequential_probes(resumed, "MEMIT")
+
+
+def test_layers_the_model_does_not_have_are_refused_up_front(tmp_path):
+    from editkit.testing import tiny_lm
+
+    lm = tiny_lm("gpt2")
+    with pytest.raises(ValueError, match=rf"layers=.*{lm.n_layers} layers"):
+        experiments.layer_sweep(lm, [object()] * 2, ["ROME"], layers=range(lm.n_layers + 4), n_edits=2,
+                                root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="layer=9"):
+        experiments.batch_sweep(lm, [object()] * 2, ["MEMIT"], layer=9, batch_sizes=[2], root=tmp_path,
+                                progress=False)
+    assert not list(tmp_path.iterdir())  # nothing started

@@ -73,3 +73,56 @@ def test_notebook_runs_hold_the_expected_rows(executed):
     assert {"update_norm", "perplexity", "weight_norm"} <= set(probes.columns)
     assert probes.groupby(["method", "batch_size"]).edits_so_far.max().eq(
         q["sequential_batched.ipynb"]["total_edits"]).all()
+
+
+def _parameters_cell(name):
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    return next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+
+
+@pytest.mark.parametrize("name", cli.NOTEBOOKS)
+def test_papermill_sees_every_parameter_with_its_type(name):
+    """`papermill --help-notebook` and `-p` know every parameter the cell assigns (a comment
+    with a second `=` used to hide the line from papermill), each with a declared type."""
+    import ast
+
+    from papermill.inspection import inspect_notebook
+
+    tree = ast.parse(_parameters_cell(name).source)
+    assigned = [n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)]
+    unannotated = [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets]
+    assert assigned and not unannotated, unannotated
+    seen = inspect_notebook(str(NOTEBOOKS / name))
+    assert list(seen) == assigned
+    assert all(p["inferred_type_name"] not in ("None", "") for p in seen.values()), seen
+    if name != "explore.ipynb":
+        assert seen["figures_dir"]["default"] == '"figures"' and seen["runs_dir"]["default"] == '"runs"'
+
+
+def test_parameters_given_as_strings_are_read_or_refused_by_name():
+    from typing import Optional
+
+    from editkit.notebook import ParameterError, check_parameters, resolve_dir
+
+    ns = {"__annotations__": {"methods": list[str], "layers": Optional[list[int]], "n_edits": int,
+                              "regs": Optional[dict[str, list[float]]], "layer": Optional[int]},
+          "methods": "['ROME','MEMIT']", "layers": None, "n_edits": "100", "regs": "{'MEMIT': [10, 100]}",
+          "layer": 0}
+    check_parameters(ns)
+    assert ns["methods"] == ["ROME", "MEMIT"] and ns["n_edits"] == 100 and ns["regs"] == {"MEMIT": [10.0, 100.0]}
+    for shell_ate_the_quotes in ("ROME,MEMIT", "[ROME, MEMIT]"):
+        assert check_parameters({**ns, "methods": shell_ate_the_quotes})["methods"] == ["ROME", "MEMIT"]
+    for bad in ({"methods": "['ROME'"}, {"methods": 3}, {"n_edits": "many"}, {"layers": "[0, 'x']"}):
+        (key,) = bad
+        with pytest.raises(ParameterError, match=rf"parameter {key}"):
+            check_parameters({**ns, **bad})
+    assert resolve_dir("figures") == ROOT / "figures" and resolve_dir("/tmp/x") == Path("/tmp/x")
+
+
+def test_editkit_run_refuses_an_unknown_parameter(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "layer_sweep", "-p", "n_edit", "5"])
+    assert "n_edit" in capsys.readouterr().err
+    assert cli.parse_value("['ROME', 'MEMIT']") == ["ROME", "MEMIT"] and cli.parse_value("gpt2-xl") == "gpt2-xl"

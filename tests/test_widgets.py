@@ -228,3 +228,37 @@ def test_results_explorer_reads_a_run_directory(tmp_path):
     ex = ResultsExplorer(tmp_path / "run")
     assert ex.frame.attrs["run"]["kind"] == "layer_sweep" and len(ex.frame) == len(summarized_frame())
     assert ex.drawn_with == "line" and "MEMIT" in ex.table.value
+
+
+def test_results_line_figure_keeps_before_and_after_apart_and_norms_off_the_percent_axis():
+    from editkit.widgets import _line_figure
+
+    rows = [dict(method="ROME", layer=0, batch_size=1, n_edits=i, metric="ES", when=w, value=v, n=1)
+            for i in (1, 2, 3) for w, v in (("pre", 0.0), ("post", 100.0))]
+    rows += [dict(method="ROME", layer=0, batch_size=1, n_edits=i, metric="delta_norm", when="post", value=3.5, n=1)
+             for i in (1, 2, 3)]
+    ex = ResultsExplorer(pd.DataFrame(rows))
+    assert ex.drawn_with == "line", ex.status.value
+    fig = _line_figure(ex.summary)
+    score_ax, norm_ax = fig.axes[:2]
+    ys = {float(y) for line in score_ax.get_lines() for y in line.get_ydata()}
+    assert {0.0, 100.0} <= ys and 50.0 not in ys  # an edit that went 0 -> 100 is not drawn at 50
+    assert score_ax.get_ylabel() == "score (%)" and "delta_norm" not in score_ax.get_ylabel()
+    assert 3.5 not in ys
+    assert "delta_norm" in norm_ax.get_ylabel()
+    assert 3.5 in {float(y) for line in norm_ax.get_lines() for y in line.get_ydata()}
+    fig.canvas.draw() if hasattr(fig, "canvas") and fig.canvas else None
+    ticks = [t for t in score_ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_results_line_figure_of_one_edit_goes_from_before_to_after():
+    from editkit.widgets import _line_figure
+
+    rows = [dict(method="ROME", layer=0, batch_size=1, n_edits=1, metric="ES", when=w, value=v, n=1)
+            for w, v in (("pre", 0.0), ("post", 100.0))]
+    fig = _line_figure(ResultsExplorer(pd.DataFrame(rows)).summary)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["before", "after"]
+    line = next(l for l in ax.get_lines() if len(l.get_xdata()) == 2)
+    assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [0.0, 100.0]

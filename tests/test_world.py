@@ -144,3 +144,74 @@ def test_world_presets_load(name):
     for cls in (ek.ROME, ek.MEMIT, ek.EMMET):
         editor = cls.preset(name)
         assert editor.corpus == "world" and editor.edit_layers == [0]
+
+
+@pytest.mark.parametrize("name", ["world-gpt2-mini", "world-llama-mini"])
+def test_shipped_models_match_the_code_and_load_without_training(name, monkeypatch):
+    """Every embedded model ships in the package, trained with exactly the settings the code
+    has now, and loads from an empty cache without training."""
+    path = W.SHIPPED_DIR / name
+    info = json.loads((path / "world.json").read_text())
+    size, train_cfg = W.WORLD_MODELS[name]
+    as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731 (tuples are lists in world.json)
+    assert info["train"] == as_json(train_cfg.to_dict()) and info["world"] == as_json(W.world_config(size).to_dict())
+    sums = json.loads((path / "sha256.json").read_text())
+    assert {"model.safetensors", "config.json", "tokenizer.json", "world.json"} <= set(sums)
+    assert all(f.suffix in (".json", ".safetensors") for f in path.iterdir())  # never a pickle
+
+    def no_training(*a, **k):
+        raise AssertionError("load_model trained a model although one is shipped")
+
+    monkeypatch.setattr(W, "build_checkpoint", no_training)
+    assert W.world_model_path(name) == path
+    if name.endswith("-mini"):
+        lm = ek.load_model(name, device="cpu")
+        assert lm.n_layers == train_cfg.n_layer
+    assert not list((W._root()).glob(f"{name}-*"))  # nothing written to the cache
+
+
+def test_a_damaged_shipped_checkpoint_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    src = W.SHIPPED_DIR / "world-gpt2-mini"
+    fake = tmp_path / "models"
+    shutil.copytree(src, fake / "world-gpt2-mini")
+    monkeypatch.setattr(W, "SHIPPED_DIR", fake)
+    assert W.world_model_path("world-gpt2-mini") == fake / "world-gpt2-mini"
+    weights = fake / "world-gpt2-mini" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(W.WorldIntegrityError, match="model.safetensors.*sha256"):
+        W.world_model_path("world-gpt2-mini")
+
+
+def test_training_is_deterministic_whatever_the_callers_threads():
+    """A build is a pure function of the settings: the ambient thread count does not leak
+    into training (it would change float rounding and, over many steps, the weights), and
+    the caller's settings come back afterwards."""
+    from editkit.world.train import TRAIN_THREADS, train_model
+
+    world = generate_world(TINY_WORLD)
+    cfg = TrainConfig(arch="gpt2", **{**TINY_TRAIN, "epochs": 1})
+    before = torch.get_num_threads()
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        model, _, report = train_model(world, cfg, progress=False)
+        assert torch.get_num_threads() == threads and not torch.are_deterministic_algorithms_enabled()
+        assert report["torch_threads"] == TRAIN_THREADS and report["deterministic_algorithms"]
+        results.append(model.state_dict())
+    torch.set_num_threads(before)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+@pytest.mark.slow
+def test_a_rebuild_gives_the_shipped_weights_bit_for_bit():
+    """Retraining world-gpt2-mini from the code reproduces the shipped file exactly (same
+    torch version): what `editkit world build` checks for the big models."""
+    path = W.world_model_path("world-gpt2-mini", shipped=False, progress=False)
+    assert path != W.SHIPPED_DIR / "world-gpt2-mini"
+    want = json.loads((W.SHIPPED_DIR / "world-gpt2-mini" / "sha256.json").read_text())
+    assert W._sha256(path / "model.safetensors") == want["model.safetensors"]
+    assert W._sha256(path / "tokenizer.json") == want["tokenizer.json"]

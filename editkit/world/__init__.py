@@ -1,13 +1,21 @@
 """The embedded fact world: a synthetic CounterFact-style world and tiny models trained on it.
 
     import editkit as ek
-    lm = ek.load_model("world-gpt2")            # trains on first use (minutes), cached after
+    lm = ek.load_model("world-gpt2")            # shipped with the package: loads in seconds
     records = ek.load_counterfact("world")      # the world's facts, CounterFact schema
 
-Everything is deterministic in the settings; models and world files live under
-``$EDITKIT_CACHE/world`` (default ``~/.cache/editkit/world``) in directories named
-after the model and a hash of every generator and training setting, so changing a
-setting builds a new model and never reuses a stale one.
+The trained models ship inside the package (``editkit/world/models/<name>/``:
+safetensors weights, tokenizer and config, ``world.json`` with every setting and the
+training report, ``sha256.json`` checked at load), so every user and every figure
+starts from the same weights: a rebuild on another machine, or with another thread
+count, rounds differently and drifts over thousands of steps into other numbers.
+
+``editkit world build`` retrains them (deterministically for a given torch version:
+one thread, deterministic algorithms, seeds) into ``$EDITKIT_CACHE/world`` (default
+``~/.cache/editkit/world``) and says whether the result equals the shipped weights.
+Cache directories are named after the model and a hash of every generator and
+training setting, so changing a setting builds a new model and never reuses a stale
+one; the world's data files are generated (deterministically, in seconds) there too.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ from .train import TrainConfig, build_checkpoint, fact_accuracy, save_world, tra
 log = logging.getLogger(__name__)
 
 __all__ = ["WorldConfig", "World", "TrainConfig", "RELATIONS", "SIZES", "WORLD_MODELS", "generate_world",
-           "world_config", "world_model_path", "build_world", "load_world_counterfact", "world_corpus",
+           "world_config", "world_model_path", "build_world", "shipped_model_path", "ship_world", "WorldIntegrityError", "load_world_counterfact", "world_corpus",
            "world_dir", "train_tokenizer", "train_model", "fact_accuracy", "training_report"]
 
 #: Bumped when the training code changes in a way that changes the result.
@@ -65,17 +73,94 @@ def _settings_key(world_cfg: WorldConfig, train_cfg: TrainConfig | None = None) 
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def world_model_path(name: str, build: bool = True, *, progress: bool = True, force: bool = False,
-                     world_cfg: WorldConfig | None = None, train_cfg: TrainConfig | None = None) -> Path:
-    """The checkpoint directory of embedded model ``name`` (``"world-gpt2"`` /
-    ``"world-llama"``), trained first when missing and ``build`` (or ``force``)."""
+#: Where the shipped checkpoints live inside the package (package data).
+SHIPPED_DIR = Path(__file__).resolve().parent / "models"
+
+#: The files of a shipped checkpoint (all safetensors/JSON), each listed in its ``sha256.json``.
+SHIPPED_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "world.json")
+
+
+class WorldIntegrityError(RuntimeError):
+    """A shipped world checkpoint does not match its recorded sha256."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check every file listed in ``path/sha256.json`` against its hash (once per process
+    and file state): a truncated download or a hand-edited weight file must not silently
+    give other numbers."""
+    path = Path(path)
+    sums = json.loads((path / "sha256.json").read_text())
+    state = tuple((f, (path / f).stat().st_mtime_ns, (path / f).stat().st_size) for f in sorted(sums)
+                  if (path / f).exists())
+    if _VERIFIED.get(path) == state:
+        return
+    for f, want in sums.items():
+        if not (path / f).exists():
+            raise WorldIntegrityError(f"{path / f} is missing; reinstall editkit (or `git checkout {path}`), "
+                                      "or retrain with `editkit world build`")
+        got = _sha256(path / f)
+        if got != want:
+            raise WorldIntegrityError(f"{path / f} has sha256 {got}, but the package records {want}: the file is "
+                                      "damaged or was changed. Reinstall editkit (or `git checkout` it), or retrain "
+                                      "with `editkit world build` and load the printed directory.")
+    _VERIFIED[path] = state
+
+
+def _info_key(info: dict) -> str:
+    blob = {"version": FORMAT_VERSION, "world": info["world"], "train": info["train"]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shipped_model_path(name: str, key: str | None = None) -> Path | None:
+    """The packaged checkpoint of ``name``, verified, or None when the package has none
+    (or, given the settings ``key``, none built with those settings)."""
+    path = SHIPPED_DIR / name
+    if not (path / "sha256.json").exists():
+        return None
+    if key is not None and _info_key(json.loads((path / "world.json").read_text())) != key:
+        log.warning("the shipped %s was trained with other settings than the current code's; using a cache build "
+                    "(re-ship with `editkit world build --ship`)", name)
+        return None
+    verify_checkpoint(path)
+    return path
+
+
+def _resolve(name: str, world_cfg: WorldConfig | None, train_cfg: TrainConfig | None):
     if train_cfg is None or world_cfg is None:
         if name not in WORLD_MODELS:
             raise KeyError(f"unknown world model {name!r}; choose one of {sorted(WORLD_MODELS)}")
         size, default_train = WORLD_MODELS[name]
         train_cfg = train_cfg or default_train
         world_cfg = world_cfg or world_config(size)
-    path = _root() / f"{name}-{_settings_key(world_cfg, train_cfg)}"
+    return world_cfg, train_cfg
+
+
+def world_model_path(name: str, build: bool = True, *, progress: bool = True, force: bool = False,
+                     world_cfg: WorldConfig | None = None, train_cfg: TrainConfig | None = None,
+                     shipped: bool = True) -> Path:
+    """The checkpoint directory of embedded model ``name`` (``"world-gpt2"`` /
+    ``"world-llama"``): the one shipped in the package when its settings are these
+    (and ``shipped``, and not ``force``), else the cache build, trained first when
+    missing and ``build`` (or ``force``)."""
+    world_cfg, train_cfg = _resolve(name, world_cfg, train_cfg)
+    key = _settings_key(world_cfg, train_cfg)
+    if shipped and not force:
+        packaged = shipped_model_path(name, key)
+        if packaged is not None:
+            return packaged
+    path = _root() / f"{name}-{key}"
     if force or not (path / "model.safetensors").exists():
         if not (build or force):
             raise FileNotFoundError(f"{name} is not built yet ({path}); run `editkit world build` "
@@ -86,10 +171,44 @@ def world_model_path(name: str, build: bool = True, *, progress: bool = True, fo
 
 
 def build_world(names=("world-gpt2", "world-llama"), progress: bool = True, force: bool = False) -> dict[str, Path]:
-    """Build (or find in the cache) every embedded model in ``names``; ``force`` rebuilds."""
+    """Train (or find in the cache) every embedded model in ``names`` from the code,
+    never the shipped copy; ``force`` retrains. Logs whether each build's weights
+    equal the shipped ones (they should, with the torch version they were built with)."""
     if isinstance(names, str):
         names = (names,)
-    return {n: world_model_path(n, build=True, progress=progress, force=force) for n in names}
+    out = {}
+    for n in names:
+        out[n] = path = world_model_path(n, build=True, progress=progress, force=force, shipped=False)
+        packaged = SHIPPED_DIR / n / "sha256.json"
+        if packaged.exists():
+            want = json.loads(packaged.read_text()).get("model.safetensors")
+            same = _sha256(path / "model.safetensors") == want
+            log.info("%s: %s the shipped weights", n, "identical to" if same else "DIFFERENT from")
+    return out
+
+
+def ship_world(names=("world-gpt2", "world-llama"), progress: bool = True) -> dict[str, Path]:
+    """Copy cache builds of ``names`` into the package (:data:`SHIPPED_DIR`) with a
+    ``sha256.json`` of their files (maintainers: run after changing the world or its
+    training, then commit ``editkit/world/models``)."""
+    import shutil
+
+    if isinstance(names, str):
+        names = (names,)
+    out = {}
+    for n, src in build_world(names, progress=progress).items():
+        dst = SHIPPED_DIR / n
+        dst.mkdir(parents=True, exist_ok=True)
+        for old in dst.iterdir():
+            old.unlink()
+        sums = {}
+        for f in SHIPPED_FILES:
+            if (src / f).exists():
+                shutil.copyfile(src / f, dst / f)
+                sums[f] = _sha256(dst / f)
+        (dst / "sha256.json").write_text(json.dumps(sums, indent=1) + "\n")
+        out[n] = dst
+    return out
 
 
 def world_dir(size: str = "default") -> Path:

@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +37,29 @@ from .tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train_model", "save_world", "fact_accuracy"]
+__all__ = ["TrainConfig", "train_model", "save_world", "fact_accuracy", "deterministic", "TRAIN_THREADS"]
+
+#: Intra-op threads used for training. Float sums are split over threads, so another
+#: count gives other rounding, which training compounds over thousands of steps into
+#: other weights (and other figures). Fixed at 1: the shipped models were built so, and
+#: on a busy 2-core machine one thread was also ~30x faster than two.
+TRAIN_THREADS = 1
+
+
+@contextmanager
+def deterministic(threads: int = TRAIN_THREADS):
+    """Run the body with ``threads`` torch threads and deterministic algorithms,
+    restoring the caller's settings afterwards. With the seeds in :class:`TrainConfig`
+    this makes a build a pure function of the settings and the torch version."""
+    old_threads = torch.get_num_threads()
+    old_det, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.set_num_threads(old_threads)
 
 
 @dataclass(frozen=True)
@@ -137,7 +160,16 @@ def _batches(encoded: list[list[int]], facts: list[list[int]], n_subjects: int, 
 
 def train_model(world: World, cfg: TrainConfig, progress: bool = True, desc: str | None = None, callback=None):
     """Train a tokenizer and a model of ``cfg`` on ``world.train``. Returns
-    ``(model, tokenizer, report)``; the model is in eval mode on the CPU."""
+    ``(model, tokenizer, report)``; the model is in eval mode on the CPU.
+
+    Runs on the CPU with :data:`TRAIN_THREADS` threads and deterministic algorithms
+    (see :func:`deterministic`), whatever the caller's settings, so the same settings
+    give the same weights bit for bit with the same torch version."""
+    with deterministic():
+        return _train_model(world, cfg, progress=progress, desc=desc, callback=callback)
+
+
+def _train_model(world: World, cfg: TrainConfig, progress: bool, desc: str | None, callback):
     from transformers import AutoModelForCausalLM
     from tqdm.auto import tqdm
 
@@ -200,6 +232,7 @@ def train_model(world: World, cfg: TrainConfig, progress: bool = True, desc: str
               "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "steps": step, "tokens": n_tokens,
               "final_loss": round(sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:])), 4),
               "n_params": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads(),
+              "torch_version": torch.__version__, "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
               "peak_rss_gib": round(_peak_rss_gib(), 2)}
     return model, tokenizer, report
 
