@@ -146,7 +146,7 @@ def test_world_presets_load(name):
         assert editor.corpus == "world" and editor.edit_layers == [0]
 
 
-@pytest.mark.parametrize("name", ["world-gpt2-mini", "world-llama-mini"])
+@pytest.mark.parametrize("name", sorted(W.WORLD_MODELS))
 def test_shipped_models_match_the_code_and_load_without_training(name, monkeypatch):
     """Every embedded model ships in the package, trained with exactly the settings the code
     has now, and loads from an empty cache without training."""
@@ -164,9 +164,8 @@ def test_shipped_models_match_the_code_and_load_without_training(name, monkeypat
 
     monkeypatch.setattr(W, "build_checkpoint", no_training)
     assert W.world_model_path(name) == path
-    if name.endswith("-mini"):
-        lm = ek.load_model(name, device="cpu")
-        assert lm.n_layers == train_cfg.n_layer
+    lm = ek.load_model(name, device="cpu")
+    assert lm.n_layers == train_cfg.n_layer
     assert not list((W._root()).glob(f"{name}-*"))  # nothing written to the cache
 
 
