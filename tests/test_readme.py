@@ -61,7 +61,9 @@ def test_make_targets_and_cli_commands_in_the_readme_exist():
     assert used and used <= targets, used - targets
     from editkit import cli
 
-    commands = set(re.findall(r"(?:`|\n)(?:\.venv/bin/)?editkit ([a-z]+)", README))
+    # in inline code (`editkit figures`) or a command line (.venv/bin/editkit run ...), not prose
+    commands = set(re.findall(r"`(?:\.venv/bin/)?editkit ([a-z]+)", README))
+    commands |= set(re.findall(r"^\.venv/bin/editkit ([a-z]+)", README, re.M))
     assert commands and commands <= {"figures", "run", "world", "methods"}, commands
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:
