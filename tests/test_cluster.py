@@ -14,6 +14,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 
 import editkit as ek
 from editkit import cluster as ekc
@@ -38,6 +39,16 @@ def _record(i: int) -> dict:
             "paraphrase_prompts": [f"{s} is a citizen of"],
             "neighborhood_prompts": [f"The native language of {other} is"],
             "attribute_prompts": [], "generation_prompts": [f"{s} was born in"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Serial runs here use the workers' thread count (one CPU each): float sums reduce in
+    another order with another thread count, so rows are bitwise equal only like for like."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
