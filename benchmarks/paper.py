@@ -174,6 +174,7 @@ def _rss_mb(field_name: str) -> float:
 
 
 def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True

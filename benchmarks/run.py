@@ -58,6 +58,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # measure the checkout this script lives in, not another installed editkit
     sys.path.insert(0, str(ROOT))
+if str(HERE) not in sys.path:  # paper.py beside this script
+    sys.path.insert(0, str(HERE))
+from paper import _reset_peak  # noqa: E402  (one copy of the peak-RSS reset, shared with the paper section)
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 SECTIONS = ("values", "scoring", "covariance", "precompute", "e2e", "paper")
@@ -530,15 +533,6 @@ def keep_all_keys_second_moment(lm, layer: int, texts: Sequence[str], batch_size
 def _rss_kb(field_name: str) -> int:
     m = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
     return int(m.group(1)) if m else 0
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def cov_worker(args: dict) -> dict:
