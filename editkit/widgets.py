@@ -204,6 +204,8 @@ class EditExplorer:
         self.overrides = overrides
         self.applied: list[AppliedEdit] = []
         self._listing = False  # True while the list is rebuilt, so selection events are not user clicks
+        # (subject, paraphrases, neighborhood) as fill() set them: the extra prompts belong to that fact
+        self._filled: tuple[str, str, str] | None = None
 
         def text(desc: str, placeholder: str) -> widgets.Text:
             return widgets.Text(description=desc, placeholder=placeholder, style={"description_width": "110px"},
@@ -237,6 +239,7 @@ class EditExplorer:
         self.edit_button.on_click(self.on_edit)
         self.undo_button.on_click(self.on_undo)
         self.method.observe(self._on_method, names="value")
+        self.subject.observe(self._on_subject, names="value")
         self.edits_list.observe(self._on_select, names="value")
         self.layers.value = self.default_layers("ROME")
 
@@ -368,10 +371,25 @@ class EditExplorer:
         else:
             req = record if isinstance(record, EditRequest) else record.request
             get = lambda name, default=(): getattr(record, name, default)  # noqa: E731
+        self._filled = None  # the subject changes below: not a user edit of the previous fact
         self.prompt.value, self.subject.value = req.prompt, req.subject
         self.target_new.value, self.target_true.value = req.target_new, req.target_true or ""
         self.paraphrases.value = "\n".join(list(get("paraphrase_prompts", ()) or ())[:n_prompts])
         self.neighborhood.value = "\n".join(list(get("neighborhood_prompts", ()) or ())[:n_prompts])
+        self._filled = (self.subject.value, self.paraphrases.value, self.neighborhood.value)
+
+    def _on_subject(self, change: dict) -> None:
+        """A new subject typed over a filled record: its paraphrase and neighborhood prompts
+        describe the old fact (a paraphrase of another subject would score PS on the wrong
+        prompts), so they are cleared, unless the user has edited them since."""
+        if self._filled is None or change["new"] == self._filled[0]:
+            return
+        _, para, neigh = self._filled
+        self._filled = None
+        if self.paraphrases.value == para and self.neighborhood.value == neigh and (para or neigh):
+            self.paraphrases.value = self.neighborhood.value = ""
+            self.status.value = ("<span style='color:#555'>Subject changed: the filled record's paraphrase and "
+                                 "neighborhood prompts were cleared (they described the previous fact).</span>")
 
     # ---- measurements -----------------------------------------------------
     def measure(self, request: EditRequest, paraphrases: Sequence[str], neighborhood: Sequence[str]) -> Snapshot:

@@ -210,6 +210,32 @@ def test_fill_from_a_counterfact_record(lm):
     assert ex.paraphrases.value == "a\nb\nc" and ex.neighborhood.value == "Kaiser Chiefs plays the"
 
 
+RECORD = {"requested_rewrite": {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": {"str": "guitar"},
+                                "target_true": {"str": "piano"}},
+          "paraphrase_prompts": ["Toko Yasuda performs on the"], "neighborhood_prompts": ["Kaiser Chiefs plays the"]}
+
+
+def test_new_subject_clears_the_filled_records_prompts(lm):
+    """Typing another subject over a filled record: the old fact's paraphrase and
+    neighborhood prompts must not be scored as the new fact's."""
+    ex = EditExplorer(lm, **FAST)
+    ex.fill(RECORD)
+    ex.subject.value = "Danielle Darrieux"
+    assert ex.paraphrases.value == "" and ex.neighborhood.value == ""
+    assert "cleared" in ex.status.value
+    ex.fill(RECORD)  # refilling sets them again (fill's own subject change is not a user edit)
+    assert ex.paraphrases.value == "Toko Yasuda performs on the"
+
+
+def test_prompts_the_user_edited_survive_a_subject_change(lm):
+    ex = EditExplorer(lm, **FAST)
+    ex.fill(RECORD)
+    ex.paraphrases.value = "{} is a musician who plays the"
+    ex.subject.value = "Danielle Darrieux"
+    assert ex.paraphrases.value == "{} is a musician who plays the"
+    assert ex.neighborhood.value == "Kaiser Chiefs plays the"
+
+
 def test_every_bad_field_is_flagged_at_once(lm):
     before = weights(lm)
     ex = EditExplorer(lm, **FAST)
