@@ -166,6 +166,37 @@ class Setup:
     editor_kwargs: dict = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
 
+    def corpus(self, method: str = "ROME") -> Any:
+        """The C0 corpus the editors will use: the ``corpus`` parameter, else the preset's."""
+        if "corpus" in self.editor_kwargs:
+            return self.editor_kwargs["corpus"]
+        if self.preset:
+            from .editors import make_editor
+
+            try:
+                return getattr(make_editor(method, None, self.preset), "corpus", None)
+            except (KeyError, ValueError):
+                return None
+        return None
+
+    def records(self, dataset: str, n: int, seed: int = 0, *, unique_subjects: bool = True,
+                method: str = "ROME") -> list:
+        """``n`` records of ``dataset`` to edit and score (``ek.load_counterfact``, shuffled by
+        ``seed``). When C0 comes from an offline CounterFact corpus (``counterfact-text``,
+        ``offline-text``), only the eval half is used (``corpora.scoring_records``): C0 must
+        never have read a fact that is edited and scored."""
+        from .corpora import is_offline_corpus, scoring_records
+        from .data import load_counterfact
+
+        corpus = self.corpus(method)
+        if not is_offline_corpus(corpus) or str(corpus).startswith("model-text"):
+            return load_counterfact(dataset, n=n, seed=seed, unique_subjects=unique_subjects)
+        recs = scoring_records(load_counterfact(dataset, seed=seed, unique_subjects=unique_subjects))
+        if len(recs) < n:
+            raise ValueError(f"n={n} records asked for, but {dataset!r} has only {len(recs)} in the eval half "
+                             f"that corpus={corpus!r} leaves for scoring; lower the notebook's record count")
+        return recs[:n]
+
     def __repr__(self) -> str:  # what the setup cell displays
         from . import __version__
 

@@ -76,3 +76,18 @@ def test_offline_corpus_names_work_in_second_moment(tmp_path, monkeypatch):
     assert torch.isfinite(C_model).all() and not torch.equal(C_model, C_mix)
     with pytest.raises(ValueError, match="takes no source"):
         ek.second_moment(lm, 1, "model-text:x", n_samples=10, progress=False)
+
+
+def test_notebook_records_take_the_eval_half_when_c0_reads_counterfact_text(tmp_path):
+    """The notebooks' records (``nb.records``) never include a fact an offline CounterFact C0 read."""
+    from editkit.notebook import Setup
+
+    path = str(_cf_file(tmp_path))
+    offline = Setup(editor_kwargs={"corpus": f"counterfact-text:{path}"})
+    recs = offline.records(path, n=5, seed=0)
+    assert len(recs) == 5 and all(corpora.corpus_split(r.case_id) == "eval" for r in recs)
+    plain = Setup(editor_kwargs={"corpus": "world"}).records(path, n=5, seed=0)
+    assert [r.case_id for r in plain] == [r.case_id for r in ek.load_counterfact(path, n=5, seed=0, unique_subjects=True)]
+    assert any(corpora.corpus_split(r.case_id) == "corpus" for r in Setup().records(path, n=40, seed=0))
+    with pytest.raises(ValueError, match="eval half"):
+        offline.records(path, n=40, seed=0)
