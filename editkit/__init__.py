@@ -12,6 +12,7 @@ from ._version import __version__
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
 from .data.corpus import CorpusUnavailableError
 from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, AlphaEdit, Edit, EditError, Editor, available_presets, make_editor,
+                      summarized_edit_warnings,
                       preset_for, register)
 from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .protocols import PROTOCOLS, Conventions
@@ -29,7 +30,7 @@ __all__ = [
     "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError",
     "UnknownArchitectureError", "EditRequest", "RequestError",
     # editing
-    "Editor", "ROME", "RROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "Edit", "EditError",
+    "Editor", "ROME", "RROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "summarized_edit_warnings", "Edit", "EditError",
     "available_presets", "preset_for", "PROTOCOLS", "Conventions",
     # the steps of an edit
     "second_moment", "CorpusUnavailableError", "compute_keys", "context_prefixes", "hidden_at_subject",

@@ -133,8 +133,11 @@ def run_units(store: "RunStore", lm: LanguageModel, units: Sequence[Unit], clust
 
         return u.name, done, do
 
+    from .editors import summarized_edit_warnings
+
     try:
-        store.run_jobs([job(u) for u in units], desc=desc, progress=False)
+        with summarized_edit_warnings(desc):
+            store.run_jobs([job(u) for u in units], desc=desc, progress=False)
         bar.update(max(0, total - bar.n))  # units found finished (before, or by another runner)
     finally:
         bar.close()

@@ -39,6 +39,46 @@ from .values import ValueConfig, optimize_values
 
 log = logging.getLogger(__name__)
 
+
+class _EditWarnings(logging.Filter):
+    """Holds back the per-edit warnings (value optimization not converged, update dwarfing
+    the weights) and counts them, so a study of hundreds of edits says it once, at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[tuple[str, str], list] = {}  # (kind, method) -> [flagged, out of, first message]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = getattr(record, "editkit_kind", None)
+        if kind is None:
+            return True
+        method = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
+        c = self.counts.setdefault((kind, method), [0, 0, record.getMessage()])
+        bad, total = getattr(record, "editkit_count", (1, 1))
+        c[0] += bad
+        c[1] += total
+        return False
+
+
+@contextmanager
+def summarized_edit_warnings(what: str = "this run") -> Iterator[_EditWarnings]:
+    """Within the block, the editors' per-edit warnings are counted instead of logged; on
+    exit one warning per kind and method gives the totals and the first example. (Each
+    edit's ``converged`` flag and update norm stay in the results.)"""
+    f = _EditWarnings()
+    log.addFilter(f)
+    try:
+        yield f
+    finally:
+        log.removeFilter(f)
+        for (kind, method), (bad, total, first) in f.counts.items():
+            if kind == "not_converged":
+                log.warning("%s, %s: the value optimization did not converge for %d of %d request(s) (the `converged` "
+                            "column flags them; raise v_steps or v_lr). First: %s", what, method, bad, total, first)
+            else:
+                log.warning("%s, %s: %d edit(s) changed a layer by more than %g × its norm. First: %s", what,
+                            method, bad, HUGE_UPDATE_RATIO, first)
+
 __all__ = ["Editor", "ROME", "RROME", "MEMIT", "EMMET", "AlphaEdit", "preserved_keys", "Edit", "EditError", "METHODS", "register", "make_editor",
            "available_presets", "preset_for"]
 
@@ -361,7 +401,7 @@ class Editor:
             if ratio > HUGE_UPDATE_RATIO:
                 log.warning("%s at layer %d: ‖Δ‖ = %.3g is %.3g × ‖W‖; the edit dwarfs the layer's weights (check "
                             "C0, reg and the value optimization)", self.method, layer, edit.norms[layer]["delta_norm"],
-                            ratio)
+                            ratio, extra={"editkit_kind": "huge_update", "editkit_count": (1, 1)})
         return edit
 
     def _flag_convergence(self, edit: "Edit") -> None:
@@ -378,7 +418,8 @@ class Editor:
             log.warning("%s: value optimization did not converge for %d of %d request(s) in %d steps (stop_nll=%g): "
                         "%s%s. Raise v_steps or v_lr; edit.diagnostics['converged'] flags them",
                         self.method, len(bad), len(conv), self.values.v_steps, self.values.stop_nll, shown,
-                        " ..." if len(bad) > 3 else "")
+                        " ..." if len(bad) > 3 else "",
+                        extra={"editkit_kind": "not_converged", "editkit_count": (len(bad), len(conv))})
 
     @contextmanager
     def applied(self, lm: LanguageModel, requests: Sequence[EditRequest | Any], **kw: Any) -> Iterator[Edit]:

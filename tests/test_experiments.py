@@ -205,3 +205,22 @@ def test_layers_the_model_does_not_have_are_refused_up_front(tmp_path):
         experiments.batch_sweep(lm, [object()] * 2, ["MEMIT"], layer=9, batch_sizes=[2], root=tmp_path,
                                 progress=False)
     assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_a_study_reports_non_converged_edits_once_not_per_edit(lm, records, tmp_path, caplog):
+    """Hundreds of single edits must not print hundreds of warnings: one summary per method."""
+    import logging
+
+    kw = dict(FAST, values=ek.ValueConfig(v_steps=1, stop_nll=1e-9))  # nothing converges in 1 step
+    with caplog.at_level(logging.WARNING, logger="editkit"):
+        frame = experiments.layer_sweep(lm, records[:4], ["ROME", "MEMIT"], [0, 1], 4, editor_kwargs=kw, chunk=2,
+                                        root=tmp_path, progress=False)
+    msgs = [r.getMessage() for r in caplog.records if "did not converge" in r.getMessage()]
+    assert len(msgs) == 2, msgs  # one per method, not one per edit (8 each)
+    assert any("ROME" in m and "8 of 8 request(s)" in m for m in msgs)
+    assert (~frame[frame.phase == "post"]["converged"].astype(bool)).all()  # still flagged per edit
+    # outside a study a single edit still warns at once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="editkit"):
+        ek.ROME(layer=0, **kw).apply(lm, records[0].request).undo()
+    assert sum("did not converge" in r.getMessage() for r in caplog.records) == 1
