@@ -159,3 +159,13 @@ def test_cached_factor_editor_matches_the_direct_solve(method):
             torch.testing.assert_close(off.deltas[l], d_cached[l])
     with pytest.raises(ValueError, match="solve_path"):
         dc.replace(ed, solve_path="fast").apply(lm, reqs, stats=C0s, progress=False)
+
+
+def test_values_run_in_chunks_that_fit_a_gpu_by_default():
+    """All 4096 values of a Llama-3-8B edit in one batch need ~576 GiB (README memory budget):
+    an accelerator gets chunks of 64 unless v_batch_size says otherwise."""
+    from editkit.values import ValueConfig, value_chunk
+
+    assert value_chunk(ValueConfig(), "cuda") == 64
+    assert value_chunk(ValueConfig(), "cpu") == 32
+    assert value_chunk(ValueConfig(v_batch_size=4096), "cuda") == 4096
