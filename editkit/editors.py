@@ -35,7 +35,7 @@ from .protocols import Conventions, conventions, sample_prefixes
 from .requests import EditRequest, RequestError
 from .solver import C0Factor, NullSpace, Solution, ridge, solve
 from .stats import c0_factor, second_moment
-from .values import ValueConfig, optimize_values
+from .values import ValueConfig, memoized_values
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ class Editor:
         top = layers[-1]
         t0 = time.perf_counter()
         values = dataclasses.replace(self.values, conventions=self.protocol, site=site)
-        val = optimize_values(lm, reqs, top, prefixes, values, progress=progress)
+        val = memoized_values(lm, reqs, top, prefixes, values, progress=progress)  # each δ once per model state
         diag.setdefault("nll_init", []).extend(val.nll_init.tolist())
         diag.setdefault("nll_final", []).extend(val.nll_final.tolist())
         diag.setdefault("value_steps", []).extend(val.steps.tolist())

@@ -39,7 +39,7 @@ from .requests import EditRequest, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValueConfig", "ValueResult", "ValueBatch", "optimize_values"]
+__all__ = ["ValueConfig", "ValueResult", "ValueBatch", "optimize_values", "memoized_values", "VALUE_MEMO_SIZE"]
 
 
 @dataclass
@@ -407,3 +407,44 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         state.measure()  # out of steps: the NLL the final δ reaches
     bar.close()
     return state.result()
+
+
+#: Requests whose values one model keeps (``lm.cache``; rows on the CPU, oldest dropped first).
+VALUE_MEMO_SIZE = 8192
+
+
+def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
+                    prefixes: Sequence[str] = ("",), cfg: ValueConfig | None = None,
+                    progress: bool = False) -> ValueResult:
+    """:func:`optimize_values` through a memo on ``lm``, so a batch sweep or a λ sweep optimizes
+    each request's δ once instead of once per batch size and λ.
+
+    Exact, not an approximation: a request's δ depends only on the request, the model's
+    current weights, the layer, the prefixes and ``cfg`` — requests are independent, and a
+    request's δ is the same bit for bit alone or in any batch (see :class:`_Rows`) — and the
+    key holds all of them, the weights as ``lm.fingerprint()``, so a model changed by an
+    earlier edit (a sequence of batches) never reuses a value of the model before it. (On an
+    accelerator batched kernels may round differently per batch shape; the memo then returns
+    the δ of the first batch the request was optimized in.) ``history`` covers the requests
+    optimized by this call. ``lm.cache.pop("_values_memo")`` empties the memo."""
+    from collections import OrderedDict
+
+    cfg = cfg or ValueConfig()
+    memo: OrderedDict = lm.cache.setdefault("_values_memo", OrderedDict())
+    base = (lm.fingerprint(), layer, tuple(prefixes), repr(cfg))
+    keys = [base + (repr(r),) for r in requests]
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))  # unique, in order
+    history: list = []
+    if todo:
+        index = {k: i for i, k in enumerate(keys)}
+        fresh = optimize_values(lm, [requests[index[k]] for k in todo], layer, prefixes, cfg, progress)
+        history = fresh.history
+        for j, k in enumerate(todo):
+            memo[k] = tuple(getattr(fresh, f)[j].detach().cpu() for f in ("delta", "h", "nll_init", "nll_final", "steps"))
+    for k in keys:
+        memo.move_to_end(k)
+    rows = [memo[k] for k in keys]
+    while len(memo) > VALUE_MEMO_SIZE:
+        memo.popitem(last=False)
+    return ValueResult(*(torch.stack([r[i] for r in rows]).to(lm.device) for i in range(5)), history=history)
+

@@ -224,3 +224,45 @@ def test_a_study_reports_non_converged_edits_once_not_per_edit(lm, records, tmp_
     with caplog.at_level(logging.WARNING, logger="editkit"):
         ek.ROME(layer=0, **kw).apply(lm, records[0].request).undo()
     assert sum("did not converge" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_batch_sweep_optimizes_each_fact_once_and_scores_as_without_the_memo(lm, records, tmp_path, monkeypatch):
+    """Values depend on the request and the unedited model only: batch sizes and λ values
+    reuse them (the memo), and the results are the ones computed afresh, bit for bit."""
+    from editkit import values as V
+
+    calls: list[int] = []
+    real = V.optimize_values
+    monkeypatch.setattr(V, "optimize_values", lambda lm_, reqs, *a, **k: (calls.append(len(reqs)), real(lm_, reqs, *a, **k))[1])
+    lm.cache.pop("_values_memo", None)
+    recs = records[:4]
+    fast = experiments.batch_sweep(lm, recs, ["MEMIT"], 0, [1, 2, 4], editor_kwargs=FAST, root=tmp_path / "a",
+                                   progress=False)
+    assert sum(calls) == 4, calls  # 4 facts, 3 batch sizes: each δ optimized once
+
+    monkeypatch.setattr(V, "VALUE_MEMO_SIZE", 0)  # no memo: every batch optimizes its own
+    lm.cache.pop("_values_memo", None)
+    calls.clear()
+    slow = experiments.batch_sweep(lm, recs, ["MEMIT"], 0, [1, 2, 4], editor_kwargs=FAST, root=tmp_path / "b",
+                                   progress=False)
+    assert sum(calls) == 12
+    cols = ["method", "batch_size", "batch", "case_id", "kind", "prompt_index"]
+    a, b = (f[f.phase == "post"].sort_values(cols).reset_index(drop=True) for f in (fast, slow))
+    for c in ("nll_new", "nll_true", "delta_norm"):
+        assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
+
+
+def test_values_are_not_reused_after_the_model_changed(lm, records):
+    """A committed edit changes the weights, hence the fingerprint: the next edit of the same
+    fact optimizes its δ on the edited model."""
+    from editkit import values as V
+
+    lm.cache.pop("_values_memo", None)
+    ed = ek.MEMIT(layers=[0], **FAST)
+    with ed.applied(lm, [records[0].request]) as first:
+        with ed.applied(lm, [records[0].request]) as again:  # on top of the first: a sequence
+            assert not torch.equal(first.targets, again.targets)
+    assert len(lm.cache["_values_memo"]) == 2
+    with ed.applied(lm, [records[0].request]) as third:  # the unedited model again: reused
+        assert torch.equal(third.targets, first.targets)
+    assert len(lm.cache["_values_memo"]) == 2
