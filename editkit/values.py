@@ -55,7 +55,7 @@ class ValueConfig:
     essence_template: str = "{} is a"
     # Requests per padded batch. None: 32 on a CPU, where bigger batches spill out of the
     # caches and get slower per request (measured in benchmarks/), 64 on an accelerator, where
-    # the activations of a whole 4096-fact edit of Llama-3-8B would need ~576 GiB (the README's
+    # the activations of a whole 4096-fact edit of Llama-3-8B would need ~450 GiB (the README's
     # memory budget; 64 fits 40 GB). Chunks give the same δ: requests are independent.
     v_batch_size: int | None = None
     # Run the positions before the subject's last token once and reuse their keys/values.

@@ -162,7 +162,7 @@ def test_cached_factor_editor_matches_the_direct_solve(method):
 
 
 def test_values_run_in_chunks_that_fit_a_gpu_by_default():
-    """All 4096 values of a Llama-3-8B edit in one batch need ~576 GiB (README memory budget):
+    """All 4096 values of a Llama-3-8B edit in one batch need ~450 GiB (README memory budget):
     an accelerator gets chunks of 64 unless v_batch_size says otherwise."""
     from editkit.values import ValueConfig, value_chunk
 
