@@ -5,6 +5,7 @@ import dataclasses
 from typing import ClassVar
 
 import matplotlib
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -228,7 +229,8 @@ def test_a_study_reports_non_converged_edits_once_not_per_edit(lm, records, tmp_
 
 def test_batch_sweep_optimizes_each_fact_once_and_scores_as_without_the_memo(lm, records, tmp_path, monkeypatch):
     """Values depend on the request and the unedited model only: batch sizes and λ values
-    reuse them (the memo), and the results are the ones computed afresh, bit for bit."""
+    reuse them (the memo), and the results are the ones computed afresh (bit for bit with one
+    thread; with several, batched kernels of other shapes round differently in the last bits)."""
     from editkit import values as V
 
     calls: list[int] = []
@@ -248,8 +250,8 @@ def test_batch_sweep_optimizes_each_fact_once_and_scores_as_without_the_memo(lm,
     assert sum(calls) == 12
     cols = ["method", "batch_size", "batch", "case_id", "kind", "prompt_index"]
     a, b = (f[f.phase == "post"].sort_values(cols).reset_index(drop=True) for f in (fast, slow))
-    for c in ("nll_new", "nll_true", "delta_norm"):
-        assert (a[c].to_numpy() == b[c].to_numpy()).all(), c
+    for c in ("nll_new", "nll_true", "delta_norm"):  # bit for bit with one thread; to rounding with several
+        np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-5, atol=1e-6, err_msg=c)
 
 
 def test_values_are_not_reused_after_the_model_changed(lm, records):
