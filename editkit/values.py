@@ -209,12 +209,15 @@ def _cache_kwargs(base: torch.nn.Module) -> Callable[[list | None], dict]:
     return kwargs
 
 
+#: The per-request fields of a :class:`ValueResult` (one row per request), in constructor order.
+_ROW_FIELDS = ("delta", "h", "nll_init", "nll_final", "steps")
+
+
 def _concat(parts: list[ValueResult]) -> ValueResult:
     """One result from the results of consecutive chunks of requests (history: summed per step)."""
     n = max(len(p.history) for p in parts)
     history = [sum(p.history[i] for p in parts if i < len(p.history)) for i in range(n)]
-    return ValueResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                         ("delta", "h", "nll_init", "nll_final", "steps")), history=history)
+    return ValueResult(*(torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS), history=history)
 
 
 class ValueBatch:
@@ -441,11 +444,12 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         fresh = optimize_values(lm, [requests[index[k]] for k in todo], layer, prefixes, cfg, progress)
         history = fresh.history
         for j, k in enumerate(todo):
-            memo[k] = tuple(getattr(fresh, f)[j].detach().cpu() for f in ("delta", "h", "nll_init", "nll_final", "steps"))
+            memo[k] = tuple(getattr(fresh, f)[j].detach().cpu() for f in _ROW_FIELDS)
     for k in keys:
         memo.move_to_end(k)
     rows = [memo[k] for k in keys]
     while len(memo) > VALUE_MEMO_SIZE:
         memo.popitem(last=False)
-    return ValueResult(*(torch.stack([r[i] for r in rows]).to(lm.device) for i in range(5)), history=history)
+    return ValueResult(*(torch.stack([r[i] for r in rows]).to(lm.device) for i in range(len(_ROW_FIELDS))),
+                       history=history)
 
