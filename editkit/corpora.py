@@ -70,12 +70,14 @@ def _record_texts(rec: Any) -> Iterator[str]:
     yield from rec.generation_prompts
 
 
-def counterfact_texts(source: Any = "counterfact", exclude: Sequence[Any] | None = None, *, split: bool = True,
-                      seed: int = 0) -> Iterator[str]:
+def counterfact_texts(source: Any = "counterfact", exclude: Sequence[Any] | None = None, *,
+                      split: bool | str = True, seed: int = 0) -> Iterator[str]:
     """Sentences of CounterFact records (see the module doc), records shuffled by ``seed``.
 
-    ``split=True`` keeps only the corpus half; ``exclude`` (records or case ids) drops those
-    records and any text that mentions one of their subjects, whatever the split.
+    ``split=True`` (or ``"corpus"``) keeps only the corpus half, ``"eval"`` only the eval half
+    (held-out text for a perplexity probe: never in C0), ``False`` every record; ``exclude``
+    (records or case ids) drops those records and any text that mentions one of their subjects,
+    whatever the split.
     """
     from .data import load_counterfact
 
@@ -83,7 +85,10 @@ def counterfact_texts(source: Any = "counterfact", exclude: Sequence[Any] | None
     ex = list(exclude or ())
     ids = {getattr(r, "case_id", r) for r in ex}
     subjects = [r.subject for r in ex if hasattr(r, "subject")]
-    keep = [r for r in records if r.case_id not in ids and (not split or corpus_split(r.case_id) == "corpus")]
+    half = "corpus" if split is True else split or None
+    if half not in (None, "corpus", "eval"):
+        raise ValueError(f"split={split!r}: choose True/'corpus' (the C0 half), 'eval' or False (every record)")
+    keep = [r for r in records if r.case_id not in ids and (half is None or corpus_split(r.case_id) == half)]
     random.Random(seed).shuffle(keep)
     log.info("counterfact-text: %d of %d records (split=%s, %d excluded)", len(keep), len(records), split, len(ids))
     for rec in keep:

@@ -477,17 +477,38 @@ def _evaluate(lm, records, eval_batch_size, /, **cols) -> pd.DataFrame:
     return frame
 
 
-def heldout_texts(source: str = "world", n: int = 200, seed: int = 0) -> list[str]:
-    """Held-out text for the perplexity probe: the world's held-out split for the
-    embedded world, else ``n`` documents of wikitext-103's test split (Hub)."""
+def heldout_texts(source: str = "world", n: int = 200, seed: int = 0,
+                  exclude: Sequence[Any] | None = None) -> list[str]:
+    """Held-out text for the perplexity probe of sequential editing.
+
+    * the embedded world (``"world[:size]"``): its held-out split;
+    * a local CounterFact file (or ``"counterfact-text:<source>"``), the offline case of a
+      real model: the true sentences of the file's *eval* half
+      (:func:`editkit.corpora.counterfact_texts`), which an offline C0 never reads, minus the
+      ``exclude`` records (pass the records being edited) and any sentence naming one of
+      their subjects, so the probe reads real English that neither C0 nor an edit touched;
+    * anything else: ``n`` documents of wikitext-103's test split (Hub), as the study does.
+    """
     import random
 
+    from .corpora import counterfact_texts
     from .data.corpus import HubCorpus, iter_corpus
 
-    if str(source).startswith("world"):
+    source = str(source)
+    kind, _, rest = source.partition(":")
+    if kind == "world":
         from .world import world_corpus
 
-        texts = list(world_corpus("heldout", size=str(source).partition(":")[2] or "default"))
+        texts = list(world_corpus("heldout", size=rest or "default"))
+    elif kind == "counterfact-text" or Path(source).is_file():
+        cf = (rest or "counterfact") if kind == "counterfact-text" else source
+        texts = list(counterfact_texts(cf, exclude=exclude, split="eval", seed=seed))
+        if not texts:
+            raise ValueError(f"heldout_texts({source!r}): no sentence of the file's eval half is left once the "
+                             f"{len(exclude or ())} excluded records are dropped; edit fewer records or pass "
+                             "heldout texts of your own")
+        if len(texts) < n:
+            log.warning("heldout_texts(%r): only %d held-out sentences (asked for %d)", source, len(texts), n)
     else:
         texts = list(iter_corpus(HubCorpus("wikitext", "wikitext-103-raw-v1", "test"), n * 5))
     random.Random(seed).shuffle(texts)

@@ -91,3 +91,24 @@ def test_notebook_records_take_the_eval_half_when_c0_reads_counterfact_text(tmp_
     assert any(corpora.corpus_split(r.case_id) == "corpus" for r in Setup().records(path, n=40, seed=0))
     with pytest.raises(ValueError, match="eval half"):
         offline.records(path, n=40, seed=0)
+
+
+def test_heldout_texts_of_a_counterfact_file_are_eval_half_sentences_never_edited_and_never_c0(tmp_path):
+    """Offline (a local CounterFact file) the perplexity probe reads the eval half's true sentences
+    minus the edited records: disjoint from C0's corpus half and from every edit. It used to try
+    wikitext on the Hub and fail offline."""
+    path = _cf_file(tmp_path, n=60)
+    recs = ek.load_counterfact(str(path))
+    edited = corpora.scoring_records(recs)[:10]
+    texts = ek.heldout_texts(str(path), n=200, seed=0, exclude=edited)
+    assert texts and texts == ek.heldout_texts(str(path), n=200, seed=0, exclude=edited)
+    named = {r.case_id for r in recs if any(f"Person{r.case_id} Smith" in t for t in texts)}
+    assert named and all(corpora.corpus_split(i) == "eval" for i in named)
+    assert not named & {r.case_id for r in edited}
+    c0 = set(corpora.counterfact_texts(str(path)))
+    assert not c0 & set(texts)
+    assert ek.heldout_texts(f"counterfact-text:{path}", n=5, seed=0, exclude=edited) == texts[:5]
+    with pytest.raises(ValueError, match="eval half"):
+        ek.heldout_texts(str(path), exclude=corpora.scoring_records(recs))
+    with pytest.raises(ValueError, match="split="):
+        list(corpora.counterfact_texts(str(path), split="train"))
