@@ -73,10 +73,11 @@ def _notebook_parameters(path: Path) -> set[str]:
 
 def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, quick: bool,
                   extra: dict | None = None, timeout: int | None = None, progress: bool = True,
-                  out_dir: Path | None = None) -> list[str]:
+                  out_dir: Path | None = None, outputs: dict[str, Path] | None = None) -> list[str]:
     """Execute ``names`` with papermill; returns the names that failed. Prints one line
     per notebook when it starts and when it ends (with its elapsed time), under an
-    overall progress bar."""
+    overall progress bar. Each executed copy goes to ``outputs[name]`` if given, else
+    ``out_dir/name`` (failed or not: the copy is where the traceback is)."""
     import os
 
     import papermill as pm
@@ -107,7 +108,7 @@ def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, 
         t0 = time.perf_counter()
         bar.write(f"[{k}/{len(names)}] {name}: started {time.strftime('%H:%M:%S')}")
         try:
-            pm.execute_notebook(str(notebooks / name), str(out_dir / name), parameters=params,
+            pm.execute_notebook(str(notebooks / name), str((outputs or {}).get(name, out_dir / name)), parameters=params,
                                 cwd=str(notebooks), kernel_name="python3", progress_bar=False,
                                 execution_timeout=timeout, log_output=False,
                                 # the kernel's own log: its per-start "running over TCP without encryption"
@@ -264,9 +265,7 @@ def _run_one(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     out = args.out or runs / "notebooks" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = run_notebooks([path.name], path.parent, resolve_dir(runs / "quick-figures" if args.quick else "figures"),
-                           runs, quick=False, extra={**quick, **params}, timeout=args.timeout, out_dir=out.parent)
-    if out.name != path.name and not failed:
-        (out.parent / path.name).replace(out)
+                           runs, quick=False, extra={**quick, **params}, timeout=args.timeout, outputs={path.name: out})
     print(f"editkit run: {path.name} {'FAILED' if failed else 'ran'}; executed copy in {out}",
           file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0

@@ -126,3 +126,24 @@ def test_editkit_run_refuses_an_unknown_parameter(capsys):
         cli.main(["run", "layer_sweep", "-p", "n_edit", "5"])
     assert "n_edit" in capsys.readouterr().err
     assert cli.parse_value("['ROME', 'MEMIT']") == ["ROME", "MEMIT"] and cli.parse_value("gpt2-xl") == "gpt2-xl"
+
+
+def test_editkit_run_writes_the_executed_copy_to_out_even_when_it_fails(tmp_path, capsys):
+    """`editkit run NB --out X` executes straight into X. It used to execute into
+    runs/notebooks/NB and rename only on success, so a failed run's traceback was not where
+    the message said, and two runs of one notebook overwrote each other's copy."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    params = nbformat.v4.new_code_cell("fail = False")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("assert not fail, 'asked to fail'\nprint('done')")]
+    src = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, str(src))
+    ok, bad = tmp_path / "out" / "ok.ipynb", tmp_path / "out" / "bad.ipynb"
+    assert cli.main(["run", str(src), "--out", str(ok)]) == 0
+    assert cli.main(["run", str(src), "--out", str(bad), "-p", "fail", "True"]) == 1
+    assert f"executed copy in {bad}" in capsys.readouterr().err
+    assert "done" in ok.read_text() and "asked to fail" in bad.read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bad.ipynb", "ok.ipynb"]
