@@ -75,7 +75,16 @@ def _prepare(lm: LanguageModel, prompt: str, subject: str, target: str):
 
 
 def _embed_std(lm: LanguageModel) -> float:
-    return float(lm.model.get_input_embeddings().weight.detach().float().std())
+    """The spread of what the embedding module *outputs*, where the noise is added: its
+    weight's std times the module's own output scale (Gemma 3's embedding multiplies by
+    √d inside the module; with the weight's std alone the noise would be √d too small and
+    the corruption would barely move the model). For a plain ``nn.Embedding`` the scale is 1."""
+    emb = lm.model.get_input_embeddings()
+    W = emb.weight.detach()
+    ids = torch.arange(min(16, W.shape[0]), device=W.device)
+    with torch.no_grad():
+        scale = float(emb(ids).float().norm() / W[ids].float().norm())
+    return float(W.float().std()) * (1.0 if abs(scale - 1.0) < 1e-6 else scale)
 
 
 @torch.no_grad()
