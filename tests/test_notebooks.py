@@ -147,3 +147,12 @@ def test_editkit_run_writes_the_executed_copy_to_out_even_when_it_fails(tmp_path
     assert f"executed copy in {bad}" in capsys.readouterr().err
     assert "done" in ok.read_text() and "asked to fail" in bad.read_text()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bad.ipynb", "ok.ipynb"]
+
+
+def test_sequential_notebook_skips_the_method_comparison_when_asked(tmp_path):
+    """A real-model run gives empty compare_methods and one_at_a_time: the comparison (which
+    edits the same facts again) is skipped, not run on an empty list or failed."""
+    out = tmp_path / "seq.ipynb"
+    assert cli.main(["run", "sequential_batched", "--quick", "-p", "compare_methods", "[]",
+                     "-p", "one_at_a_time", "[]", "--out", str(out)]) == 0
+    assert "'no comparison run: compare_methods and one_at_a_time are empty'" in out.read_text()  # the result
