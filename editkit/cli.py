@@ -108,7 +108,8 @@ def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, 
         t0 = time.perf_counter()
         bar.write(f"[{k}/{len(names)}] {name}: started {time.strftime('%H:%M:%S')}")
         try:
-            pm.execute_notebook(str(notebooks / name), str((outputs or {}).get(name, out_dir / name)), parameters=params,
+            out = (outputs or {}).get(name, out_dir / name)
+            pm.execute_notebook(str(notebooks / name), str(out), parameters=params,
                                 cwd=str(notebooks), kernel_name="python3", progress_bar=False,
                                 execution_timeout=timeout, log_output=False,
                                 # the kernel's own log: its per-start "running over TCP without encryption"

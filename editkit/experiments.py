@@ -496,7 +496,7 @@ def heldout_texts(source: str = "world", n: int = 200, seed: int = 0,
 
     source = str(source)
     kind, _, rest = source.partition(":")
-    if kind == "world":
+    if source.startswith("world"):
         from .world import world_corpus
 
         texts = list(world_corpus("heldout", size=rest or "default"))

