@@ -39,7 +39,8 @@ from .requests import EditRequest, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ValueConfig", "ValueResult", "ValueBatch", "optimize_values", "memoized_values", "VALUE_MEMO_SIZE"]
+__all__ = ["ValueConfig", "ValueResult", "ValueBatch", "optimize_values", "memoized_values", "VALUE_MEMO_SIZE",
+           "value_store_dir"]
 
 
 @dataclass
@@ -437,6 +438,11 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     memo: OrderedDict = lm.cache.setdefault("_values_memo", OrderedDict())
     base = (lm.fingerprint(), layer, tuple(prefixes), repr(cfg))
     keys = [base + (repr(r),) for r in requests]
+    disk = value_store_dir(lm)
+    if disk is not None:
+        for k in keys:
+            if k not in memo and (row := _read_row(disk, k)) is not None:
+                memo[k] = row
     todo = list(dict.fromkeys(k for k in keys if k not in memo))  # unique, in order
     history: list = []
     if todo:
@@ -445,6 +451,8 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         history = fresh.history
         for j, k in enumerate(todo):
             memo[k] = tuple(getattr(fresh, f)[j].detach().cpu() for f in _ROW_FIELDS)
+            if disk is not None:
+                _write_row(disk, k, memo[k])
     for k in keys:
         memo.move_to_end(k)
     rows = [memo[k] for k in keys]
@@ -453,3 +461,58 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     return ValueResult(*(torch.stack([r[i] for r in rows]).to(lm.device) for i in range(len(_ROW_FIELDS))),
                        history=history)
 
+
+
+# --- the memo on disk (opt-in) ------------------------------------------------------
+# A long study (hundreds of facts on a real model, hours of CPU) may be cut off; its run
+# store keeps the finished units, and this keeps the finished δ, so a resumed process — or
+# the λ sweep of another notebook — never optimizes a request twice. One safetensors file per
+# (weights, layer, prefixes, settings, request): the full key is stored inside the file and
+# compared on load, so a hash collision or a file from other weights is never used.
+
+def value_store_dir(lm: LanguageModel):
+    """The folder of the on-disk values memo, or ``None`` (the default: memory only).
+
+    Switched on per model with ``lm.cache["_values_dir"] = path`` or for a whole process with
+    the environment variable ``EDITKIT_VALUES_DIR``."""
+    import os
+    from pathlib import Path
+
+    where = lm.cache.get("_values_dir") or os.environ.get("EDITKIT_VALUES_DIR")
+    return Path(where).expanduser() if where else None
+
+
+def _row_file(disk, key: tuple):
+    import hashlib
+
+    return disk / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:40]}.safetensors"
+
+
+def _read_row(disk, key: tuple) -> tuple | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = _row_file(disk, key)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("key")
+        row = load_file(str(path))
+        if stored != repr(key) or set(row) != set(_ROW_FIELDS):
+            raise ValueError("key or fields differ")
+    except (OSError, ValueError, SafetensorError) as e:
+        log.warning("values memo file %s is unreadable or not this request's (%s); optimizing again", path, e)
+        return None
+    return tuple(row[f] for f in _ROW_FIELDS)
+
+
+def _write_row(disk, key: tuple, row: tuple) -> None:
+    import os
+    from safetensors.torch import save_file
+
+    disk.mkdir(parents=True, exist_ok=True)
+    path = _row_file(disk, key)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+    save_file({f: t.contiguous() for f, t in zip(_ROW_FIELDS, row)}, str(tmp), metadata={"key": repr(key)})
+    os.replace(tmp, path)

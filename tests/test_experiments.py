@@ -268,3 +268,62 @@ def test_values_are_not_reused_after_the_model_changed(lm, records):
     with ed.applied(lm, [records[0].request]) as third:  # the unedited model again: reused
         assert torch.equal(third.targets, first.targets)
     assert len(lm.cache["_values_memo"]) == 2
+
+
+def test_values_memo_on_disk_survives_the_process_and_refuses_other_weights(lm, records, tmp_path, monkeypatch):
+    """With a values folder, a fresh memo (a resumed process) reads each request's δ from disk
+    instead of optimizing it again, bit for bit; a file whose stored key is another request's
+    is not used; other weights never find the file (the key holds the fingerprint)."""
+    from editkit import values as V
+
+    calls: list[int] = []
+    real = V.optimize_values
+    monkeypatch.setattr(V, "optimize_values", lambda lm_, reqs, *a, **k: (calls.append(len(reqs)), real(lm_, reqs, *a, **k))[1])
+    reqs = [r.request for r in records[:3]]
+    lm.cache.pop("_values_memo", None)
+    monkeypatch.setenv("EDITKIT_VALUES_DIR", str(tmp_path / "values"))
+    first = V.memoized_values(lm, reqs, 0, cfg=V.ValueConfig(v_steps=3))
+    assert calls == [3] and len(list((tmp_path / "values").glob("*.safetensors"))) == 3
+
+    lm.cache.pop("_values_memo", None)  # a new process: memory memo empty
+    again = V.memoized_values(lm, reqs, 0, cfg=V.ValueConfig(v_steps=3))
+    assert calls == [3]  # nothing optimized
+    assert torch.equal(first.delta, again.delta) and torch.equal(first.h, again.h)
+
+    # a file whose content belongs to another key is refused and recomputed
+    files = sorted((tmp_path / "values").glob("*.safetensors"))
+    data = files[0].read_bytes()
+    files[1].write_bytes(data)
+    lm.cache.pop("_values_memo", None)
+    V.memoized_values(lm, reqs, 0, cfg=V.ValueConfig(v_steps=3))
+    assert calls == [3, 1]
+
+    # other weights: a new key, optimized afresh
+    lm.cache.pop("_values_memo", None)
+    w = lm.model.transformer.wte.weight
+    with torch.no_grad():
+        w.add_(1e-3)
+    try:
+        V.memoized_values(lm, reqs[:1], 0, cfg=V.ValueConfig(v_steps=3))
+        assert calls == [3, 1, 1]
+    finally:
+        with torch.no_grad():
+            w.sub_(1e-3)
+        lm.cache.pop("_values_memo", None)
+
+
+def test_batch_sweep_measures_heldout_perplexity_of_the_first_batches(lm, records, tmp_path):
+    texts = list(TINY_TEXT[-6:])
+    frame = experiments.batch_sweep(lm, records[:4], ["MEMIT"], 0, [1, 4], editor_kwargs=FAST, root=tmp_path,
+                                    heldout=texts, heldout_batches=2, progress=False)
+    pre = frame[frame.phase == "pre"].perplexity
+    assert pre.notna().all() and pre.nunique() == 1
+    post = frame[frame.phase == "post"].groupby(["batch_size", "batch"]).perplexity.first()
+    assert post.loc[1].notna().tolist() == [True, True, False, False]  # the first 2 batches of 1
+    assert post.loc[(4, 0)] != pre.iloc[0]  # a batch of 4 moves it
+    with pytest.raises(ValueError, match="heldout is empty"):
+        experiments.batch_sweep(lm, records[:4], ["MEMIT"], 0, [4], editor_kwargs=FAST, root=tmp_path, heldout=[],
+                                progress=False)
+    plain = experiments.batch_sweep(lm, records[:4], ["MEMIT"], 0, [4], editor_kwargs=FAST, root=tmp_path / "p",
+                                    progress=False)
+    assert "perplexity" not in plain.columns
