@@ -83,6 +83,12 @@ __all__ = ["Editor", "ROME", "RROME", "MEMIT", "EMMET", "AlphaEdit", "preserved_
            "available_presets", "preset_for"]
 
 
+#: The ROME/MEMIT/EasyEdit hyperparameter files' names for settings every method has, accepted by
+#: every editor's constructor (``ROME(v_num_grad_steps=20, mom2_n_samples=100000)``); a method's own
+#: names (MEMIT's ``mom2_update_weight``, AlphaEdit's ``L2``) are in its ``aliases``. Whole files:
+#: :func:`editkit.hparams.load_hparams`.
+PEER_ALIASES: dict[str, str] = {"v_num_grad_steps": "v_steps", "mom2_n_samples": "n_samples", "mom2_dataset": "corpus"}
+
 #: ‖Δ‖ / ‖W‖ above which an edit is logged as suspicious. Healthy ROME edits of the world
 #: models measure 1.3-2.5 (a small model's layer is small); 100 flags only runaway updates.
 HUGE_UPDATE_RATIO = 100.0
@@ -273,7 +279,7 @@ class Editor:
         for d in dicts:
             seen: dict[str, str] = {}
             for k, v in d.items():
-                name = cls.aliases.get(k, k)
+                name = cls.aliases.get(k, PEER_ALIASES.get(k, k))
                 if name in seen:
                     raise TypeError(f"{cls.method}: got both {seen[name]} and {k} (the same setting); give one")
                 seen[name] = k
@@ -282,7 +288,8 @@ class Editor:
         unknown = set(out) - names - vnames
         if unknown:
             raise TypeError(f"{cls.method}: unknown parameters {sorted(unknown)}; it takes {sorted(names)}, "
-                            f"the aliases {sorted(cls.aliases)} and the value settings {sorted(vnames)}")
+                            f"the aliases {sorted({**PEER_ALIASES, **cls.aliases})} and the value settings "
+                            f"{sorted(vnames)} (a whole ROME/MEMIT/EasyEdit hparams file: ek.load_hparams)")
         vparams = {k: out.pop(k) for k in list(out) if k in vnames}
         if vparams:
             out["values"] = dataclasses.replace(out.get("values", ValueConfig()), **vparams)
@@ -713,7 +720,7 @@ class EMMET(Editor):
     mom2_update_weight: float = 1.0
     method: ClassVar[str] = "EMMET"
     constraint: ClassVar[str] = "equality"
-    aliases: ClassVar[dict[str, str]] = {"lambda_e": "reg"}
+    aliases: ClassVar[dict[str, str]] = {"lambda_e": "reg", "emmet_lambda": "reg"}
 
     @property
     def solve_reg(self) -> float:
