@@ -123,6 +123,19 @@ class Edit:
     undone: bool = False
     committed: bool = False
     scoped: bool = field(default=False, repr=False)  # applied by ``Editor.applied``: undone when its block ends
+    # What made it, for saved edits (editkit.saved): the editor (its settings: ``editor.to_dict()``; a loaded
+    # edit holds them as a dict) and, per layer, where C0 came from.
+    editor: Any = field(default=None, repr=False)
+    c0: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write this edit to the folder ``path``: its per-layer updates (safetensors; low-rank
+        factors where smaller) and a JSON card (method, settings, protocol, requests, the
+        unedited model's weight fingerprint, C0's provenance, versions, norms, diagnostics).
+        ``ek.load_edit(path).apply(lm)`` makes it again, in any process. See editkit.saved."""
+        from .saved import save_edit  # the file format lives above the editors
+
+        return save_edit(self, path)
 
     def undo(self) -> None:
         """Restore the edited weights exactly. Only the most recent edit can be undone."""
@@ -377,7 +390,7 @@ class Editor:
             log.warning("editing the last layer (%d): a change at the subject's last token there cannot reach "
                         "the later tokens that predict the object; pick an earlier layer", layers[-1])
         originals = {l: lm.weight(l).detach().clone() for l in layers}
-        edit = Edit(lm=lm, method=self.method, requests=reqs, originals=originals)
+        edit = Edit(lm=lm, method=self.method, requests=reqs, originals=originals, editor=self)
         lm.edits.append(edit)
         try:
             with lm.eval_mode():  # dropout would make every Δ random
@@ -392,6 +405,7 @@ class Editor:
                 else:
                     raise ValueError(f"solve_path={self.solve_path!r}: choose 'cached' or 'direct'")
                 edit.timings["stats"] = time.perf_counter() - t0
+                edit.c0 = {l: self._c0_provenance(l, given, C0[l]) for l in layers}
                 for group in self._groups(reqs):
                     self._apply_group(lm, group, layers, C0, edit, progress)
         except BaseException:
@@ -410,6 +424,16 @@ class Editor:
                             "C0, reg and the value optimization)", self.method, layer, edit.norms[layer]["delta_norm"],
                             ratio, extra={"editkit_kind": "huge_update", "editkit_count": (1, 1)})
         return edit
+
+    def _c0_provenance(self, layer: int, given: dict, C0: Any) -> dict[str, Any]:
+        """Where this layer's C0 came from, for the saved edit's card."""
+        out: dict[str, Any] = {"source": "stats= (given by the caller)"} if layer in given else {
+            "source": "computed", "corpus": corpus_name(self.corpus), "n_samples": self.n_samples,
+            "max_tokens": self.max_tokens}
+        out["c0_ridge"] = self.c0_ridge
+        if isinstance(C0, C0Factor) and C0.checksum:
+            out["sha256"] = C0.checksum
+        return out
 
     def _flag_convergence(self, edit: "Edit") -> None:
         """``diagnostics["converged"]``: per request, whether the value optimization reached
