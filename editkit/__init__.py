@@ -14,6 +14,7 @@ from .data.corpus import CorpusUnavailableError
 from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, AlphaEdit, Edit, EditError, Editor, available_presets, make_editor,
                       summarized_edit_warnings,
                       preset_for, register)
+from .generation import generate
 from .saved import SavedEdit, load_edit
 from .hparams import HparamsError, load_hparams, read_hparams
 from .keys import compute_keys, context_prefixes, hidden_at_subject
@@ -34,7 +35,7 @@ __all__ = [
     # editing
     "Editor", "ROME", "RROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "summarized_edit_warnings", "Edit", "EditError",
     "available_presets", "preset_for", "PROTOCOLS", "Conventions", "load_hparams", "read_hparams", "HparamsError",
-    "load_edit", "SavedEdit",
+    "load_edit", "SavedEdit", "generate",
     # the steps of an edit
     "second_moment", "CorpusUnavailableError", "compute_keys", "context_prefixes", "hidden_at_subject",
     "ValueConfig", "optimize_values", "solve", "SingularSystemError",

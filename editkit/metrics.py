@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .generation import generate  # the one generation loop (left-padded batches, seeded)
 from .models import LanguageModel, in_eval_mode
 from .requests import EditRequest, RequestError, tokenize_spans, with_target
 
@@ -346,18 +347,10 @@ def generation_metrics(lm: LanguageModel, records: Sequence[Any], *, max_new_tok
     if not items:
         log.info("no generation prompts in these records; generation metrics skipped")
         return pd.DataFrame(columns=cols)
-    tok = lm.tokenizer
-    texts: list[str] = []
-    devices = [lm.device] if lm.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for start in tqdm(range(0, len(items), batch_size), desc="generating", disable=not progress):
-            prompts = [p for _, _, p in items[start:start + batch_size]]
-            enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(lm.device)
-            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                                    top_k=top_k if sample else None, pad_token_id=tok.pad_token_id)
-            cont = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            texts += [p + c for p, c in zip(prompts, cont)]
+    prompts = [p for _, _, p in items]
+    conts = generate(lm, prompts, max_new_tokens, sample=sample, top_k=top_k, seed=seed, batch_size=batch_size,
+                     progress=progress)
+    texts = [p + c for p, c in zip(prompts, conts)]
     ref = _reference_files(snippets, idf, vocab)
     per_record: dict[int, list[str]] = {}
     for (i, _, _), t in zip(items, texts):
