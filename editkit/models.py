@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "load_model",
     "resolve_dtype",
     "ModelSpec",
+    "StaleStatisticsWarning",
 ]
 
 
@@ -271,9 +273,11 @@ class LanguageModel:
         accelerator in 64 MiB pieces, so ~10-20 s for an 8B model in bfloat16 (16 GB)
         the first time. Per-tensor digests are cached on this object keyed by the
         tensor's identity, storage pointer and torch's in-place version counter, so
-        after an edit (editkit writes weights with in-place ``copy_``, which bumps the
-        counter) only the changed tensors are hashed again. Writes that bypass the
-        counter (``p.data.copy_(...)``) are not seen: pass ``refresh=True`` after those.
+        after an edit only the changed tensors are hashed again. The cached digest is
+        validated by a cheap content checksum taken where the tensor lives (crc32 on the
+        CPU, an integer hash on an accelerator: one read of the weights, no copy), so
+        writes that bypass the version counter (``w.data.mul_(...)``) are seen too.
+        ``refresh=True`` drops the cached digests.
         """
         import hashlib
 
@@ -282,13 +286,76 @@ class LanguageModel:
             digests.clear()
         h = hashlib.sha256(self.name.encode())
         h.update(self.model.config.to_json_string(use_diff=False).encode())
-        tensors = [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers(remove_duplicate=False)]
-        for pname, t in tensors:
+        for pname, t in self._tensors():
             if upto_layer is not None and self._after(pname, upto_layer):
                 continue
             h.update(pname.encode())
             h.update(_tensor_digest(pname, t, digests).encode())
         return h.hexdigest()[:16]
+
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [*self.model.named_parameters(remove_duplicate=False),
+                *self.model.named_buffers(remove_duplicate=False)]
+
+    def weight_digests(self, names: set[str] | None = None) -> dict[str, str]:
+        """Per-tensor content digests (every parameter and buffer, or those in ``names``)."""
+        digests: dict = self.cache.setdefault("_tensor_digests", {})
+        return {n: _tensor_digest(n, t, digests) for n, t in self._tensors() if names is None or n in names}
+
+    def sync_statistics(self) -> None:
+        """Drop the statistics cached on this model (C0, its factors, context prefixes, null
+        spaces) when any weight changed other than through editkit's own edits.
+
+        Those statistics describe the model as it was before editkit edited it, so editkit's
+        edits (apply, undo, commit, a resumed sequence's weights) keep them: each reports its
+        writes (:meth:`weights_written`). Any other change (``load_state_dict``,
+        ``w.data.mul_(...)``, a fine-tuning step) is found by content (:meth:`weight_digests`)
+        and makes them stale: they are dropped with a warning and recomputed from the current
+        weights on next use. The ledger of known weights lives on the torch module (shared by
+        every wrapper of it), the epoch of its statistics on each wrapper."""
+        if self.cache.get("_stats_checked"):  # inside an edit that already checked
+            return
+        ledger = self.model.__dict__.setdefault(_LEDGER, {"known": None, "epoch": 0})
+        now = self.weight_digests()
+        changed: list[str] = []
+        if ledger["known"] is not None and ledger["known"] != now:
+            changed = [n for n in now if ledger["known"].get(n) != now[n]]
+            ledger["epoch"] += 1
+            ledger["changed"] = changed
+        ledger["known"] = now
+        if self.cache.get("_stats_epoch", ledger["epoch"]) != ledger["epoch"]:
+            stale = [k for k in self.cache if isinstance(k, tuple) and k and k[0] in _STATISTICS]
+            for k in stale:
+                del self.cache[k]
+            if stale:
+                what = ledger.get("changed") or changed
+                warnings.warn(
+                    f"{self.name}: {', '.join(what[:3])}{' ...' if len(what) > 3 else ''} changed outside editkit's "
+                    f"edits; dropping {len(stale)} statistic(s) cached on the model (C0, factors, prefixes), which "
+                    "are recomputed from the current weights", StaleStatisticsWarning, stacklevel=3)
+        self.cache["_stats_epoch"] = ledger["epoch"]
+
+    def weights_written(self, names: set[str]) -> None:
+        """editkit wrote the tensors ``names`` (an edit, its undo, a resumed sequence's state):
+        record their new content as known, so the statistics cached on the model stay valid."""
+        ledger = self.model.__dict__.get(_LEDGER)
+        if ledger is not None and ledger["known"] is not None:
+            ledger["known"].update(self.weight_digests(names))
+
+    def weight_name(self, layer: int) -> str:
+        """The parameter name of the edited weight of ``layer`` (as ``named_parameters`` gives it)."""
+        return f"{self.adapter.edited(layer)}.weight"
+
+    @contextmanager
+    def _statistics_checked(self) -> Iterator[None]:
+        """Check the cached statistics once for the block (an edit asks for several of them)."""
+        self.sync_statistics()
+        outer = self.cache.get("_stats_checked", False)
+        self.cache["_stats_checked"] = True
+        try:
+            yield
+        finally:
+            self.cache["_stats_checked"] = outer
 
     def check_finite(self) -> None:
         """Raise ``ValueError`` naming the first parameter or buffer holding NaN/inf.
@@ -334,6 +401,49 @@ def in_eval_mode(fn):
 
 #: Attribute of the torch module that holds editkit's edit stack (see LanguageModel.edits).
 _EDIT_STACK = "_editkit_edits"
+#: Attribute of the torch module that holds the digests of its weights as editkit last knew them.
+_LEDGER = "_editkit_known_weights"
+#: ``lm.cache`` keys (first element) of statistics of the unedited model (see sync_statistics).
+_STATISTICS = frozenset({"C0", "C0factor", "C0factor-given", "prefixes", "null_space"})
+
+
+class StaleStatisticsWarning(UserWarning):
+    """Statistics cached on a model were dropped: its weights changed outside editkit's edits."""
+
+
+def _content_check(t: torch.Tensor) -> int:
+    """A cheap checksum of a tensor's bytes, computed where it lives: crc32 on the CPU
+    (~3 GB/s), a wrapping integer hash with per-position odd multipliers on an accelerator
+    (a single-element change always changes it). Validates cached sha256 digests."""
+    import zlib
+
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    raw = flat.contiguous().view(torch.uint8)
+    if t.device.type == "cpu":
+        return zlib.crc32(raw.numpy().data)
+    pad = (-raw.numel()) % 4
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    words = raw.view(torch.int32)
+    mult = _multipliers(t.device)
+    total = 0
+    for c, i in enumerate(range(0, words.numel(), len(mult))):
+        piece = words[i:i + len(mult)]
+        total = (total * 1_000_003 + int((piece * mult[:len(piece)]).sum()) + c) % (1 << 64)
+    return total
+
+
+_MULTIPLIERS: dict[str, torch.Tensor] = {}
+
+
+def _multipliers(device: torch.device, n: int = 1 << 22) -> torch.Tensor:
+    key = str(device)
+    if key not in _MULTIPLIERS:
+        g = torch.Generator().manual_seed(0x5EED)
+        _MULTIPLIERS[key] = (torch.randint(0, 2 ** 30, (n,), generator=g, dtype=torch.int32) * 2 + 1).to(device)
+    return _MULTIPLIERS[key]
 
 
 def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:
@@ -345,10 +455,12 @@ def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:
         version = t._version
     except RuntimeError:  # inference-mode tensors have no version counter
         version = None
-    key = (id(t), t.data_ptr() if t.device.type != "meta" else 0, version, tuple(t.shape), str(t.dtype),
-           str(t.device))
+    meta = t.device.type == "meta"
+    with torch.no_grad():
+        check = 0 if meta else _content_check(t)
+    key = (id(t), t.data_ptr() if not meta else 0, version, tuple(t.shape), str(t.dtype), str(t.device), check)
     hit = cache.get(name)
-    if hit is not None and version is not None and hit[0] == key:
+    if hit is not None and hit[0] == key:
         return hit[1]
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.device.type == "meta":
@@ -361,8 +473,7 @@ def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:
                 piece = flat[i:i + step].contiguous().cpu().view(torch.uint8)
                 h.update(piece.numpy().data)
     digest = h.hexdigest()
-    if version is not None:
-        cache[name] = (key, digest)
+    cache[name] = (key, digest)
     return digest
 
 

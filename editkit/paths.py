@@ -20,8 +20,14 @@ def cache_root() -> Path:
 
 def cache_dir(kind: str, create: bool = True) -> Path:
     """``cache_root() / kind`` (``"world"``, ``"data"``, ``"stats"``...), created unless ``create=False``."""
-    path = cache_root() / kind
+    root = cache_root()
+    path = root / kind
     if create:
+        for p in (root, path):
+            if p.exists() and not p.is_dir():
+                raise NotADirectoryError(
+                    f"the editkit cache {p} is a file, not a folder: set EDITKIT_CACHE to a folder (it is "
+                    f"{os.environ.get('EDITKIT_CACHE') or 'unset, default ~/.cache/editkit'}), or pass cache=False")
         path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -26,12 +26,16 @@ Two paths give the same Δ:
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["solve", "Solution", "SingularSystemError", "least_squares_delta", "equality_delta", "ridge",
            "C0Factor", "push_through_delta", "c0_checksum", "NullSpace", "null_space_delta"]
@@ -160,26 +164,51 @@ class C0Factor:
         return self.derived[name]
 
     def save(self, path: str | Path) -> None:
-        """safetensors with the ridge, condition number and C0 checksum in its metadata."""
+        """safetensors with the ridge, condition number, C0 checksum, and the factor's own
+        shape, dtype and sha256 in its metadata (verified by :meth:`load`); written atomically."""
+        import os
+        import uuid
+
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"L": self.L.contiguous().cpu()}, str(tmp),
-                  metadata={"ridge": repr(self.ridge), "cond": repr(self.cond), "checksum": self.checksum or ""})
-        tmp.replace(path)
+        L = self.L.contiguous().cpu()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        save_file({"L": L}, str(tmp),
+                  metadata={"ridge": repr(self.ridge), "cond": repr(self.cond), "checksum": self.checksum or "",
+                            "sha256": c0_checksum(L), "shape": json.dumps(list(L.shape)), "dtype": str(L.dtype)})
+        os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | Path, checksum: str | None = None) -> "C0Factor | None":
-        """The stored factor, or ``None`` when its C0 checksum differs from ``checksum`` (stale or foreign file)."""
+    def load(cls, path: str | Path, checksum: str | None = None, *, d_in: int | None = None,
+             dtype: torch.dtype | None = None) -> "C0Factor | None":
+        """The stored factor, verified: its C0 checksum equals ``checksum`` (else it is stale or
+        foreign), its shape is ``d_in × d_in``, its dtype ``dtype``, its bytes match the sha256 it
+        was saved with, it is finite. Otherwise ``None`` with a warning naming the file and why
+        (garbage, truncated and bit-flipped files included): the caller recomputes it."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if checksum is not None and meta.get("checksum") != checksum:
-                return None
-            L = f.get_tensor("L")
-        return cls(L, float(meta.get("ridge", 0.0)), float(meta.get("cond", "nan")), meta.get("checksum") or None)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if checksum is not None and meta.get("checksum") != checksum:
+                    raise ValueError("it was made from another C0 (its C0 checksum differs)")
+                if "sha256" not in meta:
+                    raise ValueError("no checksum of its own in its metadata (written by an older editkit)")
+                L = f.get_tensor("L")
+            if L.ndim != 2 or L.shape[0] != L.shape[1] or (d_in is not None and L.shape[0] != d_in):
+                raise ValueError(f"shape {tuple(L.shape)} ≠ ({d_in}, {d_in})")
+            if dtype is not None and L.dtype != dtype:
+                raise ValueError(f"dtype {L.dtype} ≠ {dtype}")
+            if c0_checksum(L) != meta["sha256"]:
+                raise ValueError("its bytes do not match the sha256 it was saved with")
+            if not torch.isfinite(L).all():
+                raise ValueError("it holds NaN/inf")
+            F = cls(L, float(meta.get("ridge", 0.0)), float(meta.get("cond", "nan")), meta.get("checksum") or None)
+        except Exception as exc:  # safetensors raises its own types for garbage, truncated or empty files
+            log.warning("cached C0 factor %s is unusable (%s: %s); recomputing it", path, type(exc).__name__, exc)
+            return None
+        return F
 
 
 def least_squares_delta(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float) -> Solution:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import uuid
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ class SecondMomentInfo:
     condition_number: float
     min_eigenvalue: float
     path: str | None = None
+    fingerprint: str | None = None  # lm.fingerprint(upto_layer=layer) of the weights it was computed from
 
 
 def condition_number(C: torch.Tensor) -> tuple[float, float]:
@@ -62,11 +64,31 @@ def _offline_or(corpus: Any, lm: LanguageModel) -> Any:
 
 
 def _cache_path(lm: LanguageModel, layer: int, corpus: Any, n_samples: int | None, max_tokens: int | None,
-                seq_len: int) -> Path:
-    key = json.dumps([lm.fingerprint(upto_layer=layer), layer, corpus_name(corpus), n_samples, max_tokens, seq_len])
+                seq_len: int, fingerprint: str | None = None) -> Path:
+    """The C0 file of these settings, keyed by the content of every weight that feeds ``layer``."""
+    fingerprint = fingerprint or lm.fingerprint(upto_layer=layer)
+    key = json.dumps([fingerprint, layer, corpus_name(corpus), n_samples, max_tokens, seq_len])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name)[-60:]
     return cache_dir("stats") / f"{safe}-L{layer}-{digest}.safetensors"
+
+
+def _count(name: str, value: Any, what: str, allow_none: bool = True) -> None:
+    ok = (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+    if not ok:
+        raise ValueError(f"{name}={value!r} is impossible; give {what}")
+
+
+def float_name(x: float) -> str:
+    """``x`` in a file name, losslessly (``repr`` round-trips every float: 0.1234567 and
+    0.1234568 get two names, where ``%g`` gave one)."""
+    return repr(float(x)).replace("+", "")
+
+
+def provenance(C0: torch.Tensor) -> dict | None:
+    """Where a C0 returned by :func:`second_moment` came from (model, layer, fingerprint of the
+    weights feeding that layer), or None for a tensor made elsewhere."""
+    return getattr(C0, "editkit_provenance", None)
 
 
 @in_eval_mode
@@ -91,15 +113,22 @@ def second_moment(
     float64 CPU tensor (d_in × d_in); with ``return_info`` also a
     :class:`SecondMomentInfo` with the token count and condition number.
     """
+    _count("n_samples", n_samples, "a positive number of corpus texts, or None for the whole corpus")
+    _count("max_tokens", max_tokens, "a positive number of token keys, or None for no limit")
+    _count("batch_size", batch_size, "a positive number of texts per forward pass", allow_none=False)
+    _count("seq_len", seq_len, "a positive number of tokens, or None for the model's context")
     seq_len = seq_len or min(getattr(lm.tokenizer, "model_max_length", 1024) or 1024, 1024,
                              lm.max_positions or 1024)
     corpus = materialize_corpus(corpus, n_samples)
-    path = _cache_path(lm, layer, corpus, n_samples, max_tokens, seq_len)
     d_in = lm.d_in(layer)
+    fingerprint = lm.fingerprint(upto_layer=layer)
+    origin = {"model": lm.name, "layer": int(layer), "fingerprint": fingerprint}
+    path = _cache_path(lm, layer, corpus, n_samples, max_tokens, seq_len, fingerprint) if cache else None
     if cache and path.exists():
-        cached = load_cached_c0(path, d_in)
+        cached = load_cached_c0(path, d_in, fingerprint)
         if cached is not None:
             C0, info = cached
+            C0.editkit_provenance = origin
             log.info("C0 for %s layer %d loaded from %s (%d tokens)", lm.name, layer, path, info.n_tokens)
             return (C0, info) if return_info else C0
 
@@ -133,13 +162,14 @@ def second_moment(
                          "activations overflow; check the model (e.g. load it in float32) before editing")
     cond, lo = condition_number(C0)
     info = SecondMomentInfo(lm.name, layer, corpus_name(corpus), int(n_samples or 0), max_tokens, n_tokens, d_in,
-                            cond, lo, str(path) if cache else None)
+                            cond, lo, str(path) if cache else None, fingerprint)
     if n_tokens < d_in:
         log.warning("C0 at layer %d from only %d keys < d_in=%d: it is rank-deficient; use more samples", layer,
                     n_tokens, d_in)
     log.info("C0 for %s layer %d: %d tokens, condition number %.3g", lm.name, layer, n_tokens, cond)
     if cache:
         save_cached_c0(path, C0, info)
+    C0.editkit_provenance = origin
     return (C0, info) if return_info else C0
 
 
@@ -165,10 +195,12 @@ def save_cached_c0(path: Path, C0: torch.Tensor, info: SecondMomentInfo) -> None
     os.replace(tmp, path)
 
 
-def load_cached_c0(path: Path, d_in: int) -> tuple[torch.Tensor, SecondMomentInfo] | None:
+def load_cached_c0(path: Path, d_in: int, fingerprint: str | None = None
+                   ) -> tuple[torch.Tensor, SecondMomentInfo] | None:
     """The cached C0 if the file is intact: a (d_in × d_in) float64 tensor whose bytes
-    match the sha256 it was saved with, finite. Otherwise None, with a warning naming
-    the file and why (the caller recomputes and overwrites it)."""
+    match the sha256 it was saved with, finite, and (given ``fingerprint``) computed from
+    weights of that fingerprint. Otherwise None, with a warning naming the file and why
+    (the caller recomputes and overwrites it)."""
     from safetensors import safe_open
 
     try:
@@ -186,6 +218,8 @@ def load_cached_c0(path: Path, d_in: int) -> tuple[torch.Tensor, SecondMomentInf
         if not torch.isfinite(C0).all():
             raise ValueError("it holds NaN/inf")
         info = SecondMomentInfo(**json.loads(meta["info"]))
+        if fingerprint is not None and info.fingerprint not in (None, fingerprint):  # None: written before it was stored
+            raise ValueError(f"it was computed from weights with fingerprint {info.fingerprint}, not {fingerprint}")
     except Exception as exc:  # safetensors raises its own types for garbage, truncated or empty files
         log.warning("cached C0 %s is unusable (%s: %s); recomputing it", path, type(exc).__name__, exc)
         return None
@@ -207,18 +241,26 @@ def c0_factor(lm: LanguageModel, layer: int, corpus: str | Sequence[str] | os.Pa
     """
     from .solver import C0Factor, c0_checksum
 
+    if not (isinstance(ridge_eps, (int, float)) and math.isfinite(ridge_eps) and ridge_eps >= 0):
+        raise ValueError(f"ridge_eps={ridge_eps!r} is impossible; give a finite ε ≥ 0 (c0_ridge)")
     if C0 is None:
         C0 = second_moment(lm, layer, corpus, n_samples, max_tokens=max_tokens, cache=cache, progress=progress)
+    if not cache:
+        F = C0Factor.of(C0, ridge_eps, dtype, device)
+        F.checksum = c0_checksum(C0)
+        return F
     checksum = c0_checksum(C0)
     seq_len = min(getattr(lm.tokenizer, "model_max_length", 1024) or 1024, 1024, lm.max_positions or 1024)
     c0_path = _cache_path(lm, layer, materialize_corpus(corpus, n_samples), n_samples, max_tokens, seq_len)  # C0's key
-    path = c0_path.with_name(f"{c0_path.stem}.chol-{str(dtype).removeprefix('torch.')}-r{ridge_eps:g}.safetensors")
-    if cache and path.exists():
-        F = C0Factor.load(path, checksum)
+    # The file is tied to the exact C0 by its checksum (checked on load), so the name only has to keep
+    # factors of other settings apart: the ridge written losslessly (``%g`` merged 0.1234567 and 0.1234568).
+    path = c0_path.with_name(f"{c0_path.stem}.chol-{str(dtype).removeprefix('torch.')}-r{float_name(ridge_eps)}"
+                             ".safetensors")
+    if path.exists():
+        F = C0Factor.load(path, checksum, d_in=C0.shape[0], dtype=dtype)
         if F is not None:
             log.info("C0 factor for %s layer %d loaded from %s", lm.name, layer, path)
             return F.to(device) if device is not None else F
-        log.warning("C0 factor %s does not match its C0 (checksum differs); recomputing it", path)
     F = C0Factor.of(C0, ridge_eps, dtype, device)
     F.checksum = checksum
     if cache:
