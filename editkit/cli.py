@@ -208,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "methods":
+        if args.preset is not None:
+            from .editors import _read_preset
+
+            try:
+                _read_preset(args.preset)
+            except (KeyError, ValueError, OSError) as exc:  # no such preset, or a file that is not a preset
+                parser.error(f"--preset {args.preset}: {exc.args[0] if exc.args else exc}")
         print(describe_methods(args.preset))
         return 0
 

@@ -51,6 +51,11 @@ class EditRequest:
             raise RequestError("target_new must be a non-empty string, e.g. target_new='English'")
         if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
             raise RequestError("target_true must be a non-empty string or None")
+        # The space before a target is the text's (see with_target): a target given with one keeps one space.
+        for name in ("target_new", "target_true"):
+            value = getattr(self, name)
+            if value is not None and value != value.lstrip():
+                object.__setattr__(self, name, value.lstrip())
         if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
             raise RequestError(
                 f"target_new equals target_true ({self.target_new!r}): there is nothing to edit; "
@@ -95,7 +100,7 @@ def with_target(prompt: str, target: str) -> tuple[str, tuple[int, int]]:
     after the prompt, so they are part of what the target costs. Every target span in
     editkit (scoring, value optimization, tracing, widgets) comes from here.
     """
-    text = f"{prompt} {target}"
+    text = f"{prompt} {target.lstrip()}"  # a target written with its own leading space gets one space, not two
     return text, (len(prompt), len(text))
 
 

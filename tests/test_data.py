@@ -80,8 +80,10 @@ def test_zsre_mend_records_load():
     mend = load_zsre(ZSRE_MEND, definition="mend")
     for r, d in zip(mend, raw):  # MEND/EasyEdit's: the edit writes alt against answers[0]; locality prompt as given
         # 10 of the 500 have alt == answers[0]: their request carries no target_true (nothing to rewrite)
-        same = d["alt"] == d["answers"][0]
-        assert (r.request.target_new, r.request.target_true) == (d["alt"], None if same else d["answers"][0])
+        # (a target's leading space is the prompt text's, so " Captain Universe" is requested as "Captain Universe")
+        same = d["alt"].strip() == d["answers"][0].strip()
+        assert (r.request.target_new, r.request.target_true) == (d["alt"].lstrip(),
+                                                                 None if same else d["answers"][0].lstrip())
         assert r.target_true == d["answers"][0]
         assert r.neighborhood_prompts == [d["loc"]] and r.dataset == "zsre-mend"
     assert ZsreRecord.from_dict(mend[0].to_dict()) == mend[0]

@@ -125,3 +125,76 @@ def test_c0_file_of_other_weights_is_not_served(cache):
     assert not torch.allclose(C0, C0b)
     assert len(list((cache / "stats").glob("*.safetensors"))) == 2
     assert ek.stats.provenance(C0b)["fingerprint"] == lm.fingerprint(upto_layer=0)
+
+
+# --- loaders ----------------------------------------------------------------------------
+
+def test_empty_json_file_is_an_error(tmp_path):
+    f = tmp_path / "cf.json"
+    f.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):  # main: 0 records
+        ek.load_counterfact(str(f))
+    with pytest.raises(ValueError, match="empty"):
+        ek.load_zsre(str(f))
+
+
+@pytest.mark.parametrize("bad", [None, 3, 2.5])
+def test_non_string_paraphrases_are_an_error_naming_the_field(bad):
+    rec = _record(0)
+    rec["paraphrase_prompts"] = ["Danielle Darrieux speaks", bad]
+    with pytest.raises(ValueError, match=r"paraphrase_prompts\[1\]"):  # main: the prompt "None" / "3"
+        ek.load_counterfact([rec])
+
+
+def test_duplicate_case_ids_are_an_error():
+    recs = [_record(0), _record(1)]
+    recs[1]["case_id"] = 0
+    with pytest.raises(ValueError, match="case_id 0"):  # main: accepted, duplicate frame keys later
+        ek.load_counterfact(recs)
+    z = [dict(case_id=7, subject="Apple A5", src="Who made Apple A5?", rephrase="Apple A5 was made by whom?",
+              alt="Google", answers=["Apple"], loc="nq question: who sang", loc_ans="Elvis")] * 2
+    with pytest.raises(ValueError, match="case_id 7"):
+        ek.load_zsre(z)
+
+
+def test_jsonl_error_names_the_line(tmp_path):
+    f = tmp_path / "cf.jsonl"
+    lines = [json.dumps(_record(i)) for i in range(3)]
+    lines.insert(2, '{"case_id": 9, broken')
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="line 3"):  # main: "line 1 column 14"
+        ek.load_counterfact(str(f))
+
+
+def test_utf16_file_and_directory_path(tmp_path):
+    f = tmp_path / "cf.json"
+    f.write_text(json.dumps([_record(0), _record(5)], ensure_ascii=False), encoding="utf-16")
+    recs = ek.load_counterfact(str(f))  # main: UnicodeDecodeError
+    assert [r.subject for r in recs] == ["Danielle Darrieux", "Jürgen Müller"]
+    for load in (ek.load_counterfact, ek.load_zsre):
+        for src in (str(tmp_path), tmp_path):
+            with pytest.raises(IsADirectoryError, match="folder"):  # main: "does not exist"
+                load(src)
+
+
+def test_target_with_a_leading_space_gets_one_space():
+    from editkit.requests import with_target
+
+    rec = _record(0)
+    rec["requested_rewrite"]["target_new"]["str"] = " French"
+    (r,) = ek.load_counterfact([rec])
+    assert r.target_new == "French" and r.request.target_new == "French"
+    text, (a, b) = with_target(r.text, " French")
+    assert text == "The mother tongue of Danielle Darrieux is French"  # main: "is  French"
+    assert text[a:b] == " French"
+    assert ek.EditRequest("The mother tongue of {} is", "Toko Yasuda", " French", " English").target_new == "French"
+
+
+def test_cli_methods_with_an_unknown_preset_exits_nonzero(capsys):
+    from editkit import cli
+
+    with pytest.raises(SystemExit) as exc:  # main: exit 0, every method "not in preset"
+        cli.main(["methods", "--preset", "nonexistent"])
+    err = capsys.readouterr().err
+    assert exc.value.code != 0 and "nonexistent" in err and "gpt2-xl" in err
+    assert cli.main(["methods", "--preset", "gpt2-xl"]) == 0

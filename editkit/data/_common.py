@@ -20,7 +20,8 @@ from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DatasetUnavailableError", "data_cache_dir", "fetch", "read_records", "parse_all", "sample", "looks_like_path"]
+__all__ = ["DatasetUnavailableError", "data_cache_dir", "fetch", "read_records", "parse_all", "sample", "looks_like_path",
+           "check_unique_ids"]
 
 T = TypeVar("T")
 
@@ -74,16 +75,41 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith((".json", ".jsonl")) or source.count("/") > 1
 
 
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8 (with or without a BOM) or UTF-16 with its BOM; anything else
+    is an error naming the file."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; pass the JSON file inside it")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 (or UTF-16 with a byte-order mark) text: byte {exc.start} is "
+                         f"{raw[exc.start:exc.start + 1]!r}; save it as UTF-8") from None
+
+
 def read_records(path: Path) -> list[dict]:
-    """A JSON list of records, or JSON Lines (one record per line)."""
-    text = path.read_text(encoding="utf-8")
+    """A JSON list of records, or JSON Lines (one record per line). An empty file, or a
+    line that is not JSON, is an error naming the file (and the line)."""
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty; expected a JSON list of records or JSON Lines")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is neither a JSON list of records nor JSON Lines: {exc}") from None
+    except json.JSONDecodeError as whole:
+        data = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if lineno == 1 and whole.lineno > 1:  # a JSON document broken further down, not JSON Lines
+                    exc, lineno = whole, whole.lineno
+                raise ValueError(f"{path} is neither a JSON list of records nor JSON Lines: line {lineno}: "
+                                 f"{exc.msg} (column {exc.colno})") from None
     if isinstance(data, dict):
         # some redistributions wrap the list: {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -93,6 +119,22 @@ def read_records(path: Path) -> list[dict]:
     if not isinstance(data, list):
         raise ValueError(f"{path} must hold a JSON list of records, found {type(data).__name__}")
     return data
+
+
+def check_unique_ids(records: Sequence[Any], what: str) -> None:
+    """Refuse records that share a ``case_id``: every frame is keyed by it, so two records
+    with one id would give duplicate rows that no join or resume can tell apart."""
+    seen: dict = {}
+    dups = []
+    for r in records:
+        key = repr(r.case_id)
+        if key in seen and len(dups) < 5:
+            dups.append(r.case_id)
+        seen[key] = True
+    if dups:
+        raise ValueError(f"{what}: case_id {', '.join(map(repr, dups))} occur(s) more than once; every record needs "
+                         "its own case_id (frames are keyed by it). Renumber them, or load a list without "
+                         "case_ids to number them by position")
 
 
 def parse_all(raw: Iterable[Any], parse: Callable[[Any, int], T], skip_invalid: bool, what: str) -> list[T]:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..requests import EditRequest, RequestError
-from ._common import DatasetUnavailableError, fetch, looks_like_path, parse_all, read_records, sample
+from ._common import (DatasetUnavailableError, check_unique_ids, fetch, looks_like_path, parse_all,
+                      read_records, sample)
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +31,34 @@ _ALIASES = {"cf": "counterfact", "mcf": "multi_counterfact", "multi-counterfact"
             "multicounterfact": "multi_counterfact"}
 
 
-def _strs(value: Any) -> list[str]:
-    """A prompt field as a list of strings (EasyEdit stores one prompt as a bare string)."""
+def _strs(value: Any, name: str = "prompts") -> list[str]:
+    """A prompt field as a list of strings (EasyEdit stores one prompt as a bare string).
+    Anything else in it (None, a number) is an error naming the field: stringified, it
+    would be scored as the prompt "None"."""
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
-    return [str(v) for v in value]
+    if isinstance(value, Mapping) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of strings, got {type(value).__name__}")
+    out = list(value)
+    bad = [(i, v) for i, v in enumerate(out) if not isinstance(v, str)]
+    if bad:
+        i, v = bad[0]
+        raise ValueError(f"{name}[{i}] is {v!r} ({type(v).__name__}); every entry must be a string "
+                         f"({len(bad)} of {len(out)} are not): fix or drop them")
+    return out
 
 
 def _target(value: Any) -> tuple[str, Any]:
-    """``{"str": "English", "id": "Q1860"}`` or a bare string → (string, id)."""
+    """``{"str": "English", "id": "Q1860"}`` or a bare string → (string, id). The leading
+    space the prompt text puts before a target is editkit's (see requests.with_target):
+    a target written with one loses it, so the text has one space, not two."""
     if isinstance(value, Mapping):
-        return value["str"], value.get("id")
-    return value, None
+        value, tid = value["str"], value.get("id")
+    else:
+        tid = None
+    return (value.lstrip() if isinstance(value, str) else value), tid
 
 
 @dataclass
@@ -75,9 +90,13 @@ class CounterFactRecord:
 
     def __post_init__(self) -> None:
         for name in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
-            setattr(self, name, _strs(getattr(self, name)))
+            setattr(self, name, _strs(getattr(self, name), f"case_id={self.case_id!r}: {name}"))
+        for name in ("target_new", "target_true"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, getattr(self, name).lstrip())
         if self.neighborhood_targets is not None:
-            self.neighborhood_targets = _strs(self.neighborhood_targets)
+            self.neighborhood_targets = [t.lstrip() for t in _strs(self.neighborhood_targets,
+                                                                    f"case_id={self.case_id!r}: neighborhood_targets")]
             if len(self.neighborhood_targets) != len(self.neighborhood_prompts):
                 raise ValueError(
                     f"case_id={self.case_id!r}: neighborhood_targets has {len(self.neighborhood_targets)} entries "
@@ -187,7 +206,7 @@ class CounterFactRecord:
 
 def _raw_records(source: Any) -> Iterable[Any]:
     """The raw records behind ``source`` (see :func:`load_counterfact`)."""
-    if isinstance(source, (str, os.PathLike)) and Path(os.path.expanduser(str(source))).is_file():
+    if isinstance(source, (str, os.PathLike)) and Path(os.path.expanduser(str(source))).exists():
         return read_records(Path(os.path.expanduser(str(source))))
     if isinstance(source, os.PathLike):
         raise FileNotFoundError(f"CounterFact file {source} does not exist; pass the path of a CounterFact JSON "
@@ -271,4 +290,5 @@ def load_counterfact(source: Any = None, n: int | None = None, seed: int | None 
         return sample(records, n, None, (lambda r: r.subject) if unique_subjects else None)
     raw = _raw_records(source)
     records = parse_all(raw, lambda d, i: CounterFactRecord.from_dict(d, case_id=i), skip_invalid, "CounterFact")
+    check_unique_ids(records, "CounterFact")
     return sample(records, n, seed, (lambda r: r.subject) if unique_subjects else None)

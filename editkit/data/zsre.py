@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..requests import EditRequest, RequestError
-from ._common import fetch, looks_like_path, parse_all, read_records, sample
+from ._common import check_unique_ids, fetch, looks_like_path, parse_all, read_records, sample
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def load_zsre(source: Any = None, n: int | None = None, seed: int | None = None,
                                  "ek.load_zsre('/path/to/zsre_mem_eval.json')"))
     elif isinstance(source, (str, os.PathLike)):
         path = Path(os.path.expanduser(str(source)))
-        if not path.is_file():
+        if not path.exists():
             hint = "" if looks_like_path(str(source)) else " (known names: 'zsre')"
             raise FileNotFoundError(f"zsRE file {str(source)!r} does not exist{hint}; pass the path of a MEND-layout "
                                     "zsRE JSON file, or source=None to download the official one")
@@ -181,4 +181,5 @@ def load_zsre(source: Any = None, n: int | None = None, seed: int | None = None,
                          f"({ZSRE_DEFINITIONS['mend']})")
     records = parse_all(raw, lambda d, i: ZsreRecord.from_dict(d, case_id=i, definition=definition), skip_invalid,
                         "zsRE")
+    check_unique_ids(records, "zsRE")
     return sample(records, n, seed)
