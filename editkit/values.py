@@ -447,12 +447,17 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     history: list = []
     if todo:
         index = {k: i for i, k in enumerate(keys)}
-        fresh = optimize_values(lm, [requests[index[k]] for k in todo], layer, prefixes, cfg, progress)
-        history = fresh.history
-        for j, k in enumerate(todo):
-            memo[k] = tuple(getattr(fresh, f)[j].detach().cpu() for f in _ROW_FIELDS)
-            if disk is not None:
-                _write_row(disk, k, memo[k])
+        # with a disk memo, one padded chunk at a time, each written as it finishes: an
+        # interrupted pass keeps its finished chunks (chunks give the same δ: requests are independent)
+        step = len(todo) if disk is None else value_chunk(cfg, lm.device.type)
+        for c in range(0, len(todo), step):
+            part = todo[c:c + step]
+            fresh = optimize_values(lm, [requests[index[k]] for k in part], layer, prefixes, cfg, progress)
+            history += fresh.history
+            for j, k in enumerate(part):
+                memo[k] = tuple(getattr(fresh, f)[j].detach().cpu() for f in _ROW_FIELDS)
+                if disk is not None:
+                    _write_row(disk, k, memo[k])
     for k in keys:
         memo.move_to_end(k)
     rows = [memo[k] for k in keys]
@@ -468,7 +473,8 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
 # store keeps the finished units, and this keeps the finished δ, so a resumed process — or
 # the λ sweep of another notebook — never optimizes a request twice. One safetensors file per
 # (weights, layer, prefixes, settings, request): the full key is stored inside the file and
-# compared on load, so a hash collision or a file from other weights is never used.
+# compared on load (as its sha256: the file holds no prompt text, so a study's values can be
+# shared without its records), so a file from other weights or settings is never used.
 
 def value_store_dir(lm: LanguageModel):
     """The folder of the on-disk values memo, or ``None`` (the default: memory only).
@@ -482,10 +488,14 @@ def value_store_dir(lm: LanguageModel):
     return Path(where).expanduser() if where else None
 
 
-def _row_file(disk, key: tuple):
+def _key_sha(key: tuple) -> str:
     import hashlib
 
-    return disk / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:40]}.safetensors"
+    return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
+def _row_file(disk, key: tuple):
+    return disk / f"{_key_sha(key)[:40]}.safetensors"
 
 
 def _read_row(disk, key: tuple) -> tuple | None:
@@ -497,9 +507,9 @@ def _read_row(disk, key: tuple) -> tuple | None:
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("key")
+            stored = (f.metadata() or {}).get("key_sha256")
         row = load_file(str(path))
-        if stored != repr(key) or set(row) != set(_ROW_FIELDS):
+        if stored != _key_sha(key) or set(row) != set(_ROW_FIELDS):
             raise ValueError("key or fields differ")
     except (OSError, ValueError, SafetensorError) as e:
         log.warning("values memo file %s is unreadable or not this request's (%s); optimizing again", path, e)
@@ -514,5 +524,5 @@ def _write_row(disk, key: tuple, row: tuple) -> None:
     disk.mkdir(parents=True, exist_ok=True)
     path = _row_file(disk, key)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-    save_file({f: t.contiguous() for f, t in zip(_ROW_FIELDS, row)}, str(tmp), metadata={"key": repr(key)})
+    save_file({f: t.contiguous() for f, t in zip(_ROW_FIELDS, row)}, str(tmp), metadata={"key_sha256": _key_sha(key)})
     os.replace(tmp, path)

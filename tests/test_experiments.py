@@ -298,14 +298,31 @@ def test_values_memo_on_disk_survives_the_process_and_refuses_other_weights(lm, 
     V.memoized_values(lm, reqs, 0, cfg=V.ValueConfig(v_steps=3))
     assert calls == [3, 1]
 
+    # a pass cut off after its first chunk keeps that chunk on disk
+    lm.cache.pop("_values_memo", None)
+    more = [r.request for r in records[3:6]]
+    cfg = V.ValueConfig(v_steps=3, v_batch_size=2)
+    seen = len(calls)
+    monkeypatch.setattr(V, "optimize_values", lambda lm_, reqs, *a, **k: (
+        calls.append(len(reqs)), (_ for _ in ()).throw(KeyboardInterrupt) if len(calls) > seen + 1 else None,
+        real(lm_, reqs, *a, **k))[2])
+    with pytest.raises(KeyboardInterrupt):
+        V.memoized_values(lm, more, 0, cfg=cfg)
+    lm.cache.pop("_values_memo", None)
+    monkeypatch.setattr(V, "optimize_values", lambda lm_, reqs, *a, **k: (calls.append(len(reqs)), real(lm_, reqs, *a, **k))[1])
+    del calls[seen:]
+    V.memoized_values(lm, more, 0, cfg=cfg)
+    assert calls[seen:] == [1]  # only the request of the interrupted chunk
+
     # other weights: a new key, optimized afresh
     lm.cache.pop("_values_memo", None)
     w = lm.model.transformer.wte.weight
     with torch.no_grad():
         w.add_(1e-3)
     try:
+        n = len(calls)
         V.memoized_values(lm, reqs[:1], 0, cfg=V.ValueConfig(v_steps=3))
-        assert calls == [3, 1, 1]
+        assert calls[n:] == [1]
     finally:
         with torch.no_grad():
             w.sub_(1e-3)
