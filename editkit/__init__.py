@@ -43,12 +43,13 @@ __all__ = [
     "load_counterfact", "load_zsre", "CounterFactRecord", "ZsreRecord", "DatasetUnavailableError",
     "evaluate", "summarize", "heldout_texts",
 ]
-# Submodules are reached as ek.<name>: ek.experiments, ek.plots, ek.widgets, ek.tracing, ek.world, ek.metrics,
-# ek.data, ek.cluster, ek.paths, ek.keys (the module; its function is ek.compute_keys).
+# Submodules are reached as ek.<name>: ek.studies (ek.experiments, its first name), ek.runstore, ek.plots,
+# ek.widgets, ek.tracing, ek.world, ek.metrics, ek.data, ek.cluster, ek.paths, ek.keys (the module; its
+# function is ek.compute_keys).
 
 # Submodules users reach as ek.experiments, ek.plots, ek.widgets (imported lazily: plots and
 # widgets pull in matplotlib/ipywidgets, which a headless editing job does not need).
-_LAZY = {"experiments", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster", "paths", "notebook"}
+_LAZY = {"experiments", "studies", "runstore", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster", "paths", "notebook"}
 
 
 def __getattr__(name):
@@ -57,7 +58,7 @@ def __getattr__(name):
 
         return importlib.import_module(f".{name}", __name__)
     if name == "heldout_texts":
-        from .experiments import heldout_texts
+        from .studies import heldout_texts
 
         return heldout_texts
     raise AttributeError(f"module 'editkit' has no attribute {name!r}")

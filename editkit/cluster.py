@@ -43,15 +43,14 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from tqdm.auto import tqdm
 
+from .editors import summarized_edit_warnings
 from .models import LanguageModel, ModelSpec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .experiments import RunStore
+from .runstore import RunStore, UnitClaimed
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +131,6 @@ def run_units(store: "RunStore", lm: LanguageModel, units: Sequence[Unit], clust
             execute(u, lm, store, on_output=lambda: bar.update(1))
 
         return u.name, done, do
-
-    from .editors import summarized_edit_warnings
 
     try:
         with summarized_edit_warnings(desc):
@@ -240,8 +237,6 @@ class _Worker:
                 "device": str(self.lm.device) if self.lm is not None else None, "load_seconds": self.load_seconds}
 
     def run(self, store: "RunStore", unit: Unit) -> dict:
-        from .experiments import UnitClaimed
-
         who = {"host": self.host, "pid": self.pid}
         if self.problem:
             return {"status": "error", "message": "the worker has no usable model", "traceback": self.problem, **who}

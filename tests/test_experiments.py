@@ -12,6 +12,7 @@ import torch
 
 import editkit as ek
 from editkit import cli, experiments, plots
+from editkit.studies import common as study_common  # where every study scores its rows
 from editkit.testing import TINY_TEXT, tiny_lm
 
 matplotlib.use("Agg")
@@ -52,7 +53,7 @@ class Interrupt(Exception):
 
 def _interrupt_after(monkeypatch, n_calls: int) -> dict:
     """Make experiments' scoring raise after ``n_calls`` calls (a simulated Ctrl-C)."""
-    real = experiments._evaluate
+    real = study_common._evaluate
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -61,7 +62,7 @@ def _interrupt_after(monkeypatch, n_calls: int) -> dict:
             raise Interrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(experiments, "_evaluate", flaky)
+    monkeypatch.setattr(study_common, "_evaluate", flaky)
     return calls
 
 

@@ -17,6 +17,7 @@ import torch
 
 import editkit as ek
 from editkit import experiments
+from editkit.studies import common as study_common  # where every study scores its rows
 from editkit.experiments import RunStore, RunStoreError, UnitClaimed
 from editkit.testing import TINY_TEXT, tiny_lm
 
@@ -125,8 +126,8 @@ def test_truncated_or_header_only_unit_is_redone_and_reported(lm, tmp_path, monk
         with pytest.raises(RunStoreError, match="ROME-L000-000002.csv"):
             experiments.load_run(run)
         calls = []
-        real = experiments._evaluate
-        monkeypatch.setattr(experiments, "_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = study_common._evaluate
+        monkeypatch.setattr(study_common, "_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
         again = _sweep(lm, recs, tmp_path, run_dir=run)
         monkeypatch.undo()
         assert len(calls) == 2  # only that unit's two single edits were scored again
@@ -221,7 +222,7 @@ def test_two_runners_on_one_directory(tmp_path, monkeypatch):
     recs = _records(4)
     models = [tiny_lm("gpt2", n_layer=2), tiny_lm("gpt2", n_layer=2)]
     counts: dict = {}
-    real = experiments._evaluate
+    real = study_common._evaluate
     lock = threading.Lock()
 
     def slow(lm_, part, *a, **k):
@@ -231,7 +232,7 @@ def test_two_runners_on_one_directory(tmp_path, monkeypatch):
         time.sleep(0.05)
         return real(lm_, part, *a, **k)
 
-    monkeypatch.setattr(experiments, "_evaluate", slow)
+    monkeypatch.setattr(study_common, "_evaluate", slow)
     out, errors = [None, None], []
 
     def go(i):

@@ -1,0 +1,148 @@
+"""Study 3, sequential-batched editing: batches applied one after another to the same model,
+resumable after every batch."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import torch
+
+from ..cluster import Unit, run_units
+from ..editors import Editor, make_editor
+from ..hooks import restored_weights
+from ..models import LanguageModel
+from ..runstore import RunStore
+from . import common
+from .common import _check_layers, _identity, _method_name, _positive, _records, _restored_state, _with_converged, perplexity
+
+log = logging.getLogger("editkit.studies")
+
+
+def sequential_batched(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str | Editor] = ("MEMIT", "EMMET"),
+                       layer: int = 1, batch_sizes: Sequence[int] = (1, 16, 64, 256), total_edits: int = 256, *,
+                       checkpoints: Sequence[int] | None = None, heldout: Sequence[str] | None = None,
+                       preset: str | None = None, editor_kwargs: dict | None = None, eval_batch_size: int = 64,
+                       run_dir: str | os.PathLike | None = None, root: str | os.PathLike = "runs",
+                       progress: bool = True, cluster: Any = None) -> pd.DataFrame:
+    """Batches applied one after another to the *same* model (``total_edits`` facts
+    as ``total_edits / batch_size`` batches). After each batch: that batch's scores
+    (``phase="batch"``), the update norms and held-out perplexity (``phase="probe"``);
+    at ``checkpoints`` (numbers of edits so far; default powers of 4 and the end)
+    the scores of every fact edited so far (``phase="all"``, forgetting).
+
+    The accumulated weight change is saved after every batch, so an interrupted run
+    resumes from its last finished batch. The model is restored exactly at the end.
+    A sequence is serial by nature; ``cluster`` runs the independent sequences (method ×
+    batch size) on its workers (see :func:`layer_sweep`).
+    """
+    recs = _records(records, total_edits)
+    batch_sizes = list(batch_sizes)
+    _positive(total_edits=total_edits, eval_batch_size=eval_batch_size,
+              **{f"batch_sizes[{i}]": b for i, b in enumerate(batch_sizes)})
+    _check_layers(lm, [layer], "layer")
+    for bs in batch_sizes:
+        if total_edits % bs:
+            raise ValueError(f"total_edits={total_edits} is not a multiple of batch size {bs}")
+    if checkpoints is None:
+        checkpoints = sorted({4 ** k for k in range(12) if 4 ** k <= total_edits} | {total_edits})
+    kw = editor_kwargs or {}
+    editors = {_method_name(m): make_editor(m, layer, preset, **kw) for m in methods}
+    params = dict(**_identity(lm, recs), layer=layer, batch_sizes=batch_sizes, total_edits=total_edits,
+                  checkpoints=list(checkpoints), preset=preset, editors=editors, eval_batch_size=eval_batch_size,
+                  heldout=hashlib.sha256("\x00".join(heldout or []).encode()).hexdigest())
+    store = RunStore.open("sequential_batched", params, run_dir, root)
+    units = [Unit("pre", _sequence_pre, (recs, layer, heldout, eval_batch_size), dict(phase="pre"))]
+    units += [Unit(f"seq-{m}-bs{bs:06d}", _sequence, (e, m, bs, layer, recs, list(checkpoints), heldout,
+                                                      eval_batch_size, progress and cluster is None),
+                   dict(method=m, batch_size=bs), outputs=tuple(_seq_unit(m, bs, b) for b in range(total_edits // bs)))
+              for m, e in editors.items() for bs in batch_sizes]
+    run_units(store, lm, units, cluster, desc="sequential-batched", progress=progress)
+    return store.load()
+
+
+def _seq_unit(m: str, bs: int, b: int) -> str:
+    return f"{m}-bs{bs:06d}-b{b:06d}"
+
+
+def _sequence_pre(lm: LanguageModel, store: RunStore, recs: list, layer: int, heldout: Sequence[str] | None,
+                  eval_batch_size: int, *, on_output: Callable | None = None) -> pd.DataFrame:
+    pre = common._evaluate(lm, recs, eval_batch_size, phase="pre", method="none", batch_size=0, batch=-1, edits_so_far=0)
+    W = lm.weight(layer).detach().double()
+    probe = dict(phase="probe", method="none", batch_size=0, batch=-1, edits_so_far=0, update_norm=0.0,
+                 weight_norm=W.norm().item())
+    if heldout:
+        probe["perplexity"] = perplexity(lm, heldout)
+    return pd.concat([pre, pd.DataFrame([probe])], ignore_index=True)
+
+
+def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: int, layer: int, recs: list,
+              checkpoints: list[int], heldout: Sequence[str] | None, eval_batch_size: int, progress: bool, *,
+              on_output: Callable | None = None) -> None:
+    """One sequence (method × batch size): its batches applied one after another, each
+    batch's unit written as it finishes, and the accumulated weight saved after it, so
+    an interrupted sequence resumes after its last finished batch (here or elsewhere)."""
+    module = lm.edit_module(layer)
+    n_batches = len(recs) // bs
+    state_name = f"state-{m}-bs{bs:06d}"
+    tick = on_output or (lambda: None)
+    with restored_weights([module]), _restored_state(editor, lm) as start_state:
+        W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
+        editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
+        start = 0
+        saved = store.load_state(state_name)
+        if saved is not None:
+            tensors, meta = saved
+            start = int(meta["next_batch"])
+            broken = [b for b in range(start) if not store.is_done(_seq_unit(m, bs, b))]
+            if broken:  # an earlier batch's file is gone or corrupt: only a full rerun can redo it
+                log.warning("%s bs=%d: unit(s) %s of %s are missing or corrupt; restarting the sequence",
+                            m, bs, [_seq_unit(m, bs, b) for b in broken[:3]], store.path)
+                start = 0
+            else:
+                with torch.no_grad():
+                    module.weight.copy_(tensors.pop("weight").to(module.weight))
+                editor.load_sequential_state(lm, tensors)  # e.g. AlphaEdit's K_p K_pᵀ
+                log.info("%s bs=%d: resuming after batch %d", m, bs, start)
+        if start == 0:
+            editor.load_sequential_state(lm, start_state)
+        for _ in range(start):
+            tick()
+        converged: dict = {}  # case_id -> converged, for the rows of every fact edited so far
+        for b in range(start):
+            old = store.read(_seq_unit(m, bs, b))
+            if "converged" in old:
+                rows = old[old.phase == "batch"]
+                converged.update(zip(rows.case_id, rows.converged))
+        for b in range(start, n_batches):
+            part = recs[b * bs:(b + 1) * bs]
+            done_edits = (b + 1) * bs
+            cols = dict(method=m, batch_size=bs, batch=b, edits_so_far=done_edits)
+            t0 = time.perf_counter()
+            edit = editor.apply(lm, part, progress=False)
+            t_edit = time.perf_counter() - t0
+            edit.commit()  # kept applied: the sequence continues on this model
+            frames = [_with_converged(common._evaluate(lm, part, eval_batch_size, phase="batch", **cols), part, edit)]
+            converged.update(zip(frames[0].case_id, frames[0].converged))
+            if done_edits in checkpoints:
+                everything = common._evaluate(lm, recs[:done_edits], eval_batch_size, phase="all", **cols)
+                everything["converged"] = everything.case_id.map(converged)
+                frames.append(everything)
+            W = lm.weight(layer).detach().double()
+            probe = dict(phase="probe", **cols, converged=edit.converged, update_norm=(W - W0).norm().item(),
+                         weight_norm=W.norm().item(), batch_delta_norm=edit.norms[layer]["delta_norm"],
+                         edit_seconds=t_edit)
+            if heldout:
+                probe["perplexity"] = perplexity(lm, heldout)
+            frames.append(pd.DataFrame([probe]))
+            # Unit, then state: a crash in between redoes batch b from the state before it
+            # and atomically overwrites the same unit file, so no row is lost or duplicated.
+            # The state holds the weights and whatever else the method's next batch reads
+            # (AlphaEdit: the earlier keys K_p K_pᵀ), so a resumed run continues exactly.
+            store.write(_seq_unit(m, bs, b), pd.concat(frames, ignore_index=True))
+            store.save_state(state_name, {"weight": module.weight.detach(), **editor.sequential_state(lm)},
+                             {"next_batch": b + 1})
+            tick()
