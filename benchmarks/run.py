@@ -25,9 +25,9 @@ the other (alternating which side goes first), and reports the median of
 
 Outputs: ``results.json`` (a list of entries: name, section, params, ours, baseline,
 ratio, unit, repeats, machine, ...), a markdown table (``RESULTS.md``) and, for a
-full run, the README's Performance section between ``<!-- bench:start -->`` and
+full run, the Performance page (``docs/performance.md``) between ``<!-- bench:start -->`` and
 ``<!-- bench:end -->``. Quick mode writes under ``benchmarks/.cache/`` and leaves
-the README alone unless asked.
+that page alone unless asked.
 """
 from __future__ import annotations
 
@@ -61,6 +61,8 @@ if str(ROOT) not in sys.path:  # measure the checkout this script lives in, not 
 if str(HERE) not in sys.path:  # paper.py beside this script
     sys.path.insert(0, str(HERE))
 from paper import _reset_peak  # noqa: E402  (one copy of the peak-RSS reset, shared with the paper section)
+#: The page whose marked sections a full run rewrites (the README is a front page that links to it).
+PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 SECTIONS = ("values", "scoring", "covariance", "precompute", "e2e", "paper")
@@ -894,7 +896,7 @@ PAPER_START, PAPER_END = "<!-- paper:start -->", "<!-- paper:end -->"
 
 
 def render_paper(entries: list[dict], figure: Path = HERE / "paper.png") -> str | None:
-    """The README's paper-dimension block: the 14 336-wide rows, the figure, the slopes, the memory budget."""
+    """The Performance page's paper-dimension block: the 14 336-wide rows, the figure, the slopes, the memory budget."""
     paper = [e for e in entries if e["section"].startswith("paper")]
     if not paper:
         return None
@@ -911,7 +913,7 @@ def render_paper(entries: list[dict], figure: Path = HERE / "paper.png") -> str 
     sl = slopes(paper)
     lines = [table, ""]
     if fig:
-        lines += [f"![solve time and memory vs E and width](benchmarks/{fig.name})", ""]
+        lines += [f"![solve time and memory vs E and width](../benchmarks/{fig.name})", ""]  # from docs/
     fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
     if sl["vs_E"]:
         lines.append("Slopes (log-log least squares; time ∝ E^slope at d_in = "
@@ -930,11 +932,11 @@ def render_paper(entries: list[dict], figure: Path = HERE / "paper.png") -> str 
     m = paper[0]["machine"]
     lines += ["", f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')} ({m.get('torch_threads')} "
               f"threads), load average {m.get('load_start')} → {m.get('load_end')}; {m.get('date')}. All rows and "
-              "the other widths: benchmarks/RESULTS.md. Regenerate with `python benchmarks/run.py --only paper --merge`."]
+              "the other widths: benchmarks/RESULTS.md. Regenerate with `.venv/bin/python benchmarks/run.py --only paper --merge`."]
     return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path = ROOT / "README.md", start: str = README_START,
+def update_readme(table: str, readme: Path = PERFORMANCE_PAGE, start: str = README_START,
                   end: str = README_END) -> bool:
     """Rewrite only the text between ``start`` and ``end`` in ``readme``. Returns
     whether the file changed; raises ValueError when the markers are missing."""
@@ -974,16 +976,16 @@ def write_outputs(entries: list[dict], machine: dict, out: Path, md: Path) -> st
 # --------------------------------------------------------------------------- main
 
 def _write_readme(tiny: list[dict], entries: list[dict], readme: bool) -> None:
-    """README: the tiny/world table between the bench markers, the paper block between the paper markers."""
+    """docs/performance.md: the tiny/world table between the bench markers, the paper block between the paper markers."""
     paper = render_paper(entries)
     if not readme:
         return
     if tiny:
         changed = update_readme(markdown_table(tiny, tiny[0]["machine"]))
-        log.info("README Performance section %s", "updated" if changed else "unchanged")
+        log.info("docs/performance.md: Performance table %s", "updated" if changed else "unchanged")
     if paper:
         changed = update_readme(paper, start=PAPER_START, end=PAPER_END)
-        log.info("README paper-dimension section %s", "updated" if changed else "unchanged")
+        log.info("docs/performance.md: paper-dimension section %s", "updated" if changed else "unchanged")
 
 
 def run(settings: Settings, sections: Sequence[str] = SECTIONS) -> tuple[list[dict], dict]:
@@ -1017,7 +1019,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "benchmarks/.cache/results-quick.json)")
     ap.add_argument("--md", type=Path, help="markdown table (default next to --out: RESULTS.md / RESULTS-quick.md)")
     ap.add_argument("--readme", dest="readme", action="store_true", default=None,
-                    help="update README's Performance section (default: on for a full run, off for --quick)")
+                    help="update docs/performance.md (default: on for a full run, off for --quick)")
     ap.add_argument("--no-readme", dest="readme", action="store_false")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     ap.add_argument("--merge", action="store_true",
@@ -1030,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--render", action="store_true",
-                    help="measure nothing: rewrite RESULTS.md, the README sections and the figure from --out")
+                    help="measure nothing: rewrite RESULTS.md, the sections of docs/performance.md and the figure from --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)

@@ -59,10 +59,10 @@ class Editor:
     # as an E × E system on that factor; "direct": factorize the batch's own system (λC0 + KKᵀ or C0) each time.
     solve_path: str = "cached"
     # Keep the factors on the CPU and copy each layer's to the weight's device only for its own solve:
-    # one d_in² factor on the GPU at a time instead of one per edited layer (see README, memory budget).
+    # one d_in² factor on the GPU at a time instead of one per edited layer (see docs/performance.md, memory budget).
     offload_factor: bool = False
     # "reference": the study authors' conventions around the equations (the default, so the study's
-    # numbers come out of every preset); "editkit": editkit's own. See editkit.protocols and the README.
+    # numbers come out of every preset); "editkit": editkit's own. See editkit.protocols and docs/protocols.md.
     protocol: str | Conventions = "reference"
     # Context prefixes to use instead of sampling them (the bare prompt is always used as well). Each is
     # put verbatim before the prompt, so end it as the sampled ones end, with ". ".
