@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "methods":
         if args.preset is not None:
-            from .editors import _read_preset
+            from .editors.presets import _read_preset
 
             try:
                 _read_preset(args.preset)
