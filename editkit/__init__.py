@@ -63,4 +63,6 @@ def __getattr__(name):
         return heldout_texts
     raise AttributeError(f"module 'editkit' has no attribute {name!r}")
 
+from . import registrations as _registrations  # noqa: E402,F401  (the world, the zoo, saved edits)
+
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

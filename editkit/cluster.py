@@ -54,6 +54,8 @@ from .runstore import RunStore, UnitClaimed
 
 log = logging.getLogger(__name__)
 
+_PACKAGE = Path(__file__).resolve().parent  # the editkit this process imported (workers report theirs)
+
 __all__ = ["Ray", "Unit", "UnitError", "ClusterError", "resolve", "run_units", "spec_of"]
 
 
@@ -231,9 +233,7 @@ class _Worker:
         self.load_seconds = time.perf_counter() - t0
 
     def info(self) -> dict:
-        import editkit
-
-        return {"host": self.host, "pid": self.pid, "problem": self.problem, "editkit": editkit.__file__,
+        return {"host": self.host, "pid": self.pid, "problem": self.problem, "editkit": str(_PACKAGE / "__init__.py"),
                 "device": str(self.lm.device) if self.lm is not None else None, "load_seconds": self.load_seconds}
 
     def run(self, store: "RunStore", unit: Unit) -> dict:
@@ -348,9 +348,7 @@ class Ray:
             return self.runtime_env
         if self.address is not None:
             return None  # remote nodes: editkit installed there, or pass runtime_env={"py_modules": [...]}
-        import editkit
-
-        root = str(Path(editkit.__file__).resolve().parent.parent)
+        root = str(_PACKAGE.parent)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         return {"env_vars": {"PYTHONPATH": path}}
 

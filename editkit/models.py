@@ -20,8 +20,13 @@ import torch
 from torch import nn
 
 from .hub import hub_offline_reason, hub_reachable
+from .registry import Registry
 
 log = logging.getLogger(__name__)
+
+#: Model names that are not Hub ids or paths (``"world-gpt2"``, ``"smollm2-135m"``): each source
+#: turns its names into a local checkpoint folder. Filled by :mod:`editkit.registrations`.
+MODEL_SOURCES = Registry("model")
 
 __all__ = [
     "Adapter",
@@ -33,6 +38,7 @@ __all__ = [
     "resolve_dtype",
     "ModelSpec",
     "StaleStatisticsWarning",
+    "MODEL_SOURCES",
 ]
 
 
@@ -498,16 +504,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
-    if name.startswith("world-"):
-        from .world import world_model_path
-
-        path = world_model_path(name)
-        name_or_path = path
-    else:
-        from .zoo import KNOWN_MODELS, zoo_model_path
-
-        if name in KNOWN_MODELS:  # a real LM shipped as a GGUF on PyPI, converted once into the cache
-            name_or_path = zoo_model_path(name)
+    source = MODEL_SOURCES.find(name)
+    if source is not None:  # an embedded world model, or a real LM shipped as a GGUF on PyPI: a local folder
+        name_or_path = source(name)
     torch_dtype = resolve_dtype(dtype)
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

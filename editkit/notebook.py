@@ -198,7 +198,7 @@ class Setup:
         return recs[:n]
 
     def __repr__(self) -> str:  # what the setup cell displays
-        from . import __version__
+        from ._version import __version__
 
         models = ", ".join(f"{lm.name} ({lm.n_layers} layers, {lm.device})" for lm in self.lms.values())
         return f"{models or 'no model'} | preset {self.preset} | editkit {__version__}"

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-__all__ = ["iter_corpus", "corpus_name", "materialize_corpus", "HubCorpus", "CorpusUnavailableError", "HUB_CORPORA"]
+from ..registry import Registry
+
+__all__ = ["iter_corpus", "corpus_name", "materialize_corpus", "HubCorpus", "CorpusUnavailableError", "HUB_CORPORA",
+           "CORPORA"]
+
+#: Named corpora that are neither files nor Hub datasets (``"world"``, ``"world:small"``):
+#: ``provider(name)`` returns the texts. Filled by :mod:`editkit.registrations`.
+CORPORA = Registry("corpus")
 
 #: Hub datasets behind the short corpus names users type.
 HUB_CORPORA = {
@@ -94,10 +101,9 @@ def _iter_corpus(corpus: Any) -> Iterable[str]:
     if not isinstance(corpus, (str, os.PathLike)):
         return corpus  # any iterable of strings
     name = str(corpus)
-    if name == "world" or name.startswith("world:"):
-        from ..world import world_corpus
-
-        return world_corpus("train", size=name.partition(":")[2] or "default")
+    provider = CORPORA.find(name)
+    if provider is not None:  # e.g. "world": the embedded world's training text
+        return provider(name)
     path = Path(name).expanduser()
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]

@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..registry import Registry
 from ..requests import EditRequest, RequestError
 from ._common import (DatasetUnavailableError, check_unique_ids, fetch, looks_like_path, parse_all,
                       read_records, sample)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CounterFactRecord", "load_counterfact", "COUNTERFACT_URLS"]
+__all__ = ["CounterFactRecord", "load_counterfact", "COUNTERFACT_URLS", "COUNTERFACT_SOURCES"]
+
+#: Named sources of CounterFact-style records other than files and downloads (``"world"``,
+#: ``"world:small"``): ``provider(name, n=..., seed=...)`` returns the raw record dicts.
+#: Filled by :mod:`editkit.registrations`.
+COUNTERFACT_SOURCES = Registry("CounterFact source")
 
 #: Official files of the ROME/MEMIT release, downloaded by name on first use.
 COUNTERFACT_URLS: dict[str, str] = {
@@ -280,12 +286,10 @@ def load_counterfact(source: Any = None, n: int | None = None, seed: int | None 
     For the world, ``seed`` is passed on (it shuffles within rounds of distinct
     subjects, see ``load_world_counterfact``).
     """
-    if source is None or (isinstance(source, str) and (source == "world" or source.startswith("world:"))):
-        from ..world import load_world_counterfact
-
-        size = source.split(":", 1)[1] if isinstance(source, str) and ":" in source else None
-        kw = {"size": size} if size else {}
-        raw = load_world_counterfact(n=None if unique_subjects else n, seed=seed, **kw)
+    name = "world" if source is None else source
+    provider = COUNTERFACT_SOURCES.find(name) if isinstance(name, str) else None
+    if provider is not None:  # e.g. the embedded world: records generated in the order its seed gives
+        raw = provider(name, n=None if unique_subjects else n, seed=seed)
         records = parse_all(raw, lambda d, i: CounterFactRecord.from_dict(d, case_id=i), skip_invalid, "CounterFact")
         return sample(records, n, None, (lambda r: r.subject) if unique_subjects else None)
     raw = _raw_records(source)

@@ -6,7 +6,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -95,15 +95,18 @@ class Edit:
     # edit holds them as a dict) and, per layer, where C0 came from.
     editor: Any = field(default=None, repr=False)
     c0: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    #: Writes an edit to a folder for ``save``: :func:`editkit.saved.save_edit`, registered by that
+    #: module (the file format sits above the editors, which therefore never import it).
+    writer: ClassVar[Callable[["Edit", Path], Path] | None] = None
 
     def save(self, path: str | Path) -> Path:
         """Write this edit to the folder ``path``: its per-layer updates (safetensors; low-rank
         factors where smaller) and a JSON card (method, settings, protocol, requests, the
         unedited model's weight fingerprint, C0's provenance, versions, norms, diagnostics).
         ``ek.load_edit(path).apply(lm)`` makes it again, in any process. See editkit.saved."""
-        from ..saved import save_edit  # the file format lives above the editors
-
-        return save_edit(self, path)
+        if Edit.writer is None:  # pragma: no cover - set when editkit is imported
+            raise EditError("no edit writer is registered: import editkit (editkit.saved registers it)")
+        return Edit.writer(self, Path(path))
 
     def undo(self) -> None:
         """Restore the edited weights exactly. Only the most recent edit can be undone."""
