@@ -7,13 +7,13 @@ sweep, an OOM) always leaves the model exactly as it was.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["capture_input", "capture_output", "add_at_positions", "restored_weights", "no_param_grads", "stop_after",
-           "StopForward"]
+           "StopForward", "skipped_blocks"]
 
 
 def _first(x):
@@ -32,10 +32,11 @@ def capture_input(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 @contextmanager
-def capture_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the output (hidden states for a block) of ``module`` on every call."""
+def capture_output(module: nn.Module, *, raw: bool = False) -> Iterator[list[torch.Tensor]]:
+    """Collect the output (hidden states for a block) of ``module`` on every call
+    (with ``raw``, the output object itself: a block may return a tuple)."""
     seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append(_first(out)))
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(out if raw else _first(out)))
     try:
         yield seen
     finally:
@@ -91,6 +92,32 @@ def no_param_grads(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextmanager
+def skipped_blocks(blocks: list[nn.Module], output: Any) -> Iterator[None]:
+    """Run the consecutive ``blocks`` (a model's first ones) as no-ops, the last returning
+    ``output``: what they would compute is already known (an earlier forward of the same
+    tokens, whose states there cannot change). The others hand their input on unchanged,
+    in the form ``output`` has (a tensor, or a tuple for blocks that return one). Each
+    block's own ``forward`` is back on exit; hooks on the blocks still run."""
+    tupled = isinstance(output, tuple)
+
+    def passthrough(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if tupled else hidden
+
+    def last(*args, **kwargs):
+        return output
+
+    for b in blocks:
+        b.forward = passthrough
+    blocks[-1].forward = last
+    try:
+        yield
+    finally:
+        for b in blocks:
+            vars(b).pop("forward", None)
 
 
 class StopForward(Exception):

@@ -56,7 +56,11 @@ class Adapter:
 
     ``{}`` in ``block`` / ``edit_module`` is the layer index. ``conv1d`` marks
     GPT-2's ``Conv1D`` whose stored weight is the transpose (d_in × d_out) of the
-    linear map ``W`` (d_out × d_in) used in the equations.
+    linear map ``W`` (d_out × d_in) used in the equations. ``mlp_norm``, where known, is the
+    norm in front of the MLP of a block that ends ``residual + mlp(mlp_norm(residual))``: the
+    value optimization then reads the residual at its input and skips the edited block's
+    recomputation (see :mod:`editkit.values`); None where the MLP output is normalized or
+    summed otherwise (Gemma 2/3, GPT-J, GPT-NeoX).
     """
 
     family: str
@@ -65,6 +69,7 @@ class Adapter:
     final_norm: str
     unembed: str = "lm_head"
     conv1d: bool = False
+    mlp_norm: str | None = None
 
     def block(self, layer: int) -> str:
         return f"{self.blocks}.{layer}"
@@ -73,10 +78,12 @@ class Adapter:
         return self.edit_module.format(layer)
 
 
-_GPT2 = Adapter("gpt2", "transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", conv1d=True)
+_GPT2 = Adapter("gpt2", "transformer.h", "transformer.h.{}.mlp.c_proj", "transformer.ln_f", conv1d=True,
+                mlp_norm="transformer.h.{}.ln_2")
 _GPTJ = Adapter("gptj", "transformer.h", "transformer.h.{}.mlp.fc_out", "transformer.ln_f")
 _NEOX = Adapter("gpt_neox", "gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.final_layer_norm")
-_LLAMA = Adapter("llama", "model.layers", "model.layers.{}.mlp.down_proj", "model.norm")
+_LLAMA = Adapter("llama", "model.layers", "model.layers.{}.mlp.down_proj", "model.norm",
+                 mlp_norm="model.layers.{}.post_attention_layernorm")
 
 #: ``config.model_type`` → adapter. Copy one and pass ``adapter=`` to ``load_model``
 #: (or ``LanguageModel(..., adapter=...)``) for an architecture not listed here.
@@ -85,8 +92,8 @@ ADAPTERS: dict[str, Adapter] = {
     "gptj": _GPTJ,
     "gpt_neox": _NEOX,
     "llama": _LLAMA,
-    "mistral": Adapter("mistral", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
-    "qwen2": Adapter("qwen2", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
+    "mistral": Adapter("mistral", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm", "mlp_norm")}),
+    "qwen2": Adapter("qwen2", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm", "mlp_norm")}),
     "gemma": Adapter("gemma", **{k: getattr(_LLAMA, k) for k in ("blocks", "edit_module", "final_norm")}),
     # Gemma 2/3 normalize the MLP output before the residual add; δ is optimized at down_proj's output,
     # through that norm, so a single-layer edit is exact there too (see editkit.zoo's gemma-3-270m).

@@ -22,9 +22,16 @@ positions (the context prefix and the subject's first tokens, about two thirds o
 every prompt) run once, and each step recomputes only the *tail* from the subject's
 last token on, attending to the cached keys/values of the rest
 (``ValueConfig.cache_prefix``; the same δ as recomputing everything, to float rounding).
+Below layer L no position can change either: the tail's states there are computed by
+the first forward of a padded batch, and every later step starts at block L
+(:data:`REUSE_LOWER`). Where the edited block ends ``residual + mlp(norm(residual))``
+(``Adapter.mlp_norm``), block L itself is not recomputed either: its output is the first
+forward's, with the subject's last token set to ``residual + (mlp + δ)``, the very sum the
+block computes. Both give the same δ bit for bit (the same floats in the same operations).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -32,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .hooks import add_at_positions, capture_output, no_param_grads
+from .hooks import add_at_positions, capture_input, capture_output, no_param_grads, skipped_blocks
 from .protocols import conventions
 from .models import LanguageModel
 from .requests import EditRequest, tokenize_spans, with_target
@@ -148,6 +155,13 @@ class _Rows:
     col: torch.Tensor  # (R,) the subject's last token, in tail coordinates
     owner: torch.Tensor  # (R,) the request (global index) of each row
     targets: tuple  # loss positions in tail coordinates (see _build)
+    below: Any = None  # the tail's output of the block under the edited one (first forward), or None
+    top: tuple | None = None  # (output of block L without δ, its residual and MLP output at ``col``), or None
+
+
+#: Run the blocks under the edited layer once per padded batch (see the module docstring).
+#: Exact, so always on; a switch only for measuring what it saves (benchmarks/profile_edit.py).
+REUSE_LOWER = True
 
 
 #: Prefix slots are a multiple of this: a request's cached keys then sit in the same slots
@@ -239,6 +253,10 @@ class ValueBatch:
         if cfg.site not in ("block", "mlp"):
             raise ValueError(f"ValueConfig.site={cfg.site!r}: choose 'block' or 'mlp'")
         self.module, self.block = lm.edit_module(layer), lm.block(layer)
+        self.lower = [lm.block(i) for i in range(layer)] if REUSE_LOWER else []  # blocks δ cannot reach
+        # The norm in front of block L's MLP: its input is the residual that the MLP output is added to.
+        norm = lm.adapter.mlp_norm
+        self.mlp_norm = lm.module(norm.format(layer)) if REUSE_LOWER and norm else None
         self.dev = self.module.weight.device
         self.unembed = lm.model.get_output_embeddings()
         self.base = lm.model.base_model  # the transformer without its LM head; its output is after the final norm
@@ -294,10 +312,65 @@ class ValueBatch:
         self.needs_repad = False
 
     # --- one step -----------------------------------------------------------
-    def forward(self) -> torch.Tensor:
+    def forward(self, with_delta: bool = False) -> torch.Tensor:
+        """The final hidden states of the tail (δ added when ``with_delta``). The blocks under
+        the edited layer, and the edited block itself where its MLP output is simply added to
+        the residual, run on the first forward of these rows only; later ones start above them."""
         r = self.rows
-        return self.base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos,
-                         **self.cache_kwargs(r.kv)).last_hidden_state
+
+        def run() -> torch.Tensor:
+            return self.base(input_ids=r.tail, attention_mask=r.mask, position_ids=r.tail_pos,
+                             **self.cache_kwargs(r.kv)).last_hidden_state
+
+        if r.top is not None:
+            with skipped_blocks(self.lower + [self.block], self.block_output(with_delta)):
+                return run()
+        if r.below is not None:
+            with skipped_blocks(self.lower, r.below), self.adding_delta() if with_delta else contextlib.nullcontext():
+                return run()
+        if not self.lower and self.mlp_norm is None:
+            with self.adding_delta() if with_delta else contextlib.nullcontext():
+                return run()
+        return self.first_forward(run, with_delta)
+
+    def first_forward(self, run: Callable[[], torch.Tensor], with_delta: bool) -> torch.Tensor:
+        """The whole forward, keeping what later steps reuse: the output of the block under L, and
+        block L's output with the residual and the MLP output (before δ) at the subject's last token."""
+        r = self.rows
+        at = (torch.arange(len(r.col), device=self.dev), r.col.to(self.dev))
+        with contextlib.ExitStack() as st:
+            below = st.enter_context(capture_output(self.lower[-1], raw=True)) if self.lower else None
+            if self.mlp_norm is not None:
+                resid = st.enter_context(capture_input(self.mlp_norm))
+                mlp = st.enter_context(capture_output(self.module))  # registered before δ's hook: sees it without δ
+                out = st.enter_context(capture_output(self.block, raw=True))
+            if with_delta:
+                st.enter_context(self.adding_delta())
+            hidden = run()
+        if below:
+            r.below = _kept(below[-1])
+            if r.below is None:  # a block that returns more than its hidden states: run them all from now on
+                self.lower = []
+        if self.mlp_norm is not None and out and _kept(out[-1]) is not None:
+            top = (_kept(out[-1]), resid[-1][at].detach().clone(), mlp[-1][at].detach().clone())
+            h = top[0][0] if isinstance(top[0], tuple) else top[0]
+            d = self.delta[r.owner].detach().to(h.dtype) if with_delta else 0.0
+            if torch.equal(h[at], top[1] + (top[2] + d)):  # the block is residual + MLP output: reuse it
+                r.top = top
+            else:
+                log.debug("block %s does not end residual + MLP output; recomputing it every step", self.block)
+                self.mlp_norm = None
+        return hidden
+
+    def block_output(self, with_delta: bool) -> Any:
+        """Block L's output from the first forward, at the subject's last token ``residual + (mlp + δ)``."""
+        r = self.rows
+        out, resid, mlp = r.top
+        h = out[0] if isinstance(out, tuple) else out
+        at = (torch.arange(len(r.col), device=h.device), r.col.to(h.device))
+        col = resid + (mlp + self.delta[r.owner].to(h.dtype)) if with_delta else resid + mlp
+        h = h.index_put(at, col)
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
     def adding_delta(self):
         r = self.rows
@@ -330,8 +403,7 @@ class ValueBatch:
         """Forward with δ; freeze the requests that reached ``stop_nll``; the summed loss of
         the others (None when every request is frozen)."""
         idx = self.idx
-        with self.adding_delta():
-            nll, ess = self.terms(self.forward())
+        nll, ess = self.terms(self.forward(with_delta=True))
         self.nll[idx] = nll.detach().cpu()
         each = self.loss(nll, ess)
         # Requests that already reach the threshold stop here, as they would alone: on their total
@@ -366,12 +438,22 @@ class ValueBatch:
         """The NLL the current δ reaches for the requests still active (after the last step)."""
         if self.active.any():
             self.repad()
-            with torch.no_grad(), self.adding_delta():
-                self.nll[self.idx] = self.terms(self.forward())[0].cpu()
+            with torch.no_grad():
+                self.nll[self.idx] = self.terms(self.forward(with_delta=True))[0].cpu()
 
     def result(self) -> ValueResult:
         return ValueResult(delta=self.delta.detach().float(), h=self.h.detach(), nll_init=self.nll_init,
                            nll_final=self.nll, steps=self.steps, history=self.history)
+
+
+def _kept(out: Any) -> Any:
+    """A block's output kept for later steps (a tensor, or a 1-tuple from older transformers), or
+    None for an output that holds more than the hidden states."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, tuple) and len(out) == 1:
+        return (out[0].detach().clone(),)
+    return None
 
 
 def value_chunk(cfg: "ValueConfig", device_type: str) -> int:
