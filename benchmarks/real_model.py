@@ -165,6 +165,52 @@ def _scores_by(frame, by: list[str]) -> list[dict]:
     return rows
 
 
+def values_pack(model: str, layer: int) -> Path:
+    return ROOT / "benchmarks" / "real" / f"{model}-values-L{layer}.safetensors"
+
+
+def unpack_values(pack: Path, folder: Path) -> int:
+    """Seed the on-disk values memo from a committed pack (the δ of a study run in an earlier
+    session, on another machine): one file per request, as ``values.memoized_values`` reads them
+    (each checked against its key's sha256 when used, so a stale pack is only ever ignored)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if not pack.is_file():
+        return 0
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with safe_open(str(pack), "pt") as f:
+        meta = f.metadata() or {}
+        for name, sha in meta.items():
+            dest = folder / f"{name}.safetensors"
+            if not dest.exists():
+                save_file({fld: f.get_tensor(f"{name}/{fld}") for fld in ("delta", "h", "nll_init", "nll_final", "steps")},
+                          str(dest), metadata={"key_sha256": sha})
+                n += 1
+    return n
+
+
+def pack_values(folder: Path, pack: Path) -> int:
+    """Every finished δ of ``folder`` in one file (no prompt text: requests are named by their
+    key's sha256), committed so that the next session never optimizes them again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            sha = (f.metadata() or {}).get("key_sha256")
+            if not sha:
+                continue
+            meta[path.stem] = sha
+            for k in f.keys():
+                tensors[f"{path.stem}/{k}"] = f.get_tensor(k)
+    if meta:
+        save_file(tensors, str(pack), metadata=meta)
+    return len(meta)
+
+
 def stage_batch(lm, args, out: Path) -> dict:
     """The batch study at the study's ratio of edits to MLP width: ``--n-batch`` eval-half facts
     as n/b independent batches of b (``--batch-sizes``), MEMIT and EMMET with the model's preset at
@@ -179,6 +225,9 @@ def stage_batch(lm, args, out: Path) -> dict:
     from editkit import plots
 
     os.environ.setdefault("EDITKIT_VALUES_DIR", str(out / "values"))
+    folder = Path(os.environ["EDITKIT_VALUES_DIR"])
+    log.info("values memo %s: %d requests from the committed pack", folder,
+             unpack_values(values_pack(args.model, args.layer), folder))
     recs = eval_records(args.data, args.n_batch)
     if len(recs) < args.n_batch:
         raise SystemExit(f"--data {args.data} has only {len(recs)} eval-half records; --n-batch {args.n_batch}")
@@ -230,7 +279,7 @@ def stage_batch(lm, args, out: Path) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--stage", choices=["trace", "c0", "sweep", "batch"], required=True)
+    p.add_argument("--stage", choices=["trace", "c0", "sweep", "batch", "pack-values"], required=True)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--layer", type=int, default=4)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 12])
@@ -252,6 +301,13 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     out = ROOT / "runs" / f"real-{args.model}"
     out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "pack-values":  # no model needed: the finished δ of the batch stage, for the next session
+        import os
+
+        folder = Path(os.environ.get("EDITKIT_VALUES_DIR") or out / "values")
+        n = pack_values(folder, values_pack(args.model, args.layer))
+        log.info("packed %d requests' values into %s", n, values_pack(args.model, args.layer))
+        return
     t = time.time()
     lm = ek.load_model(args.model, device="cpu")
     load_s = time.time() - t

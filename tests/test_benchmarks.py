@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import editkit as ek
 
@@ -140,3 +141,28 @@ def test_paper_dimension_entries(quick, tmp_path):
     assert plot_paper(paper, tmp_path / "paper.png").stat().st_size > 0
     assert slopes(paper)["vs_E"]
     assert "Memory budget: not computed" in run.render_paper(paper, tmp_path / "p.png")  # needs d_in = 14 336
+
+
+def test_real_model_values_pack_round_trip_feeds_the_memo(tmp_path, monkeypatch):
+    """The δ a long real-model study finished are committed as one pack (no prompt text) and
+    seed the next session's on-disk memo: nothing is optimized again, and the δ are identical."""
+    from editkit import values as V
+    from editkit.testing import tiny_lm
+
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    lm = tiny_lm("gpt2", n_layer=2)
+    reqs = [ek.EditRequest("The mother tongue of {} is", s, "French", "English") for s in ("Ada Lovelace", "Alan Turing")]
+    cfg = V.ValueConfig(v_steps=2)
+    monkeypatch.setenv("EDITKIT_VALUES_DIR", str(tmp_path / "a"))
+    first = V.memoized_values(lm, reqs, 0, cfg=cfg)
+    pack = tmp_path / "pack.safetensors"
+    assert real.pack_values(tmp_path / "a", pack) == 2
+    assert b"Lovelace" not in pack.read_bytes()
+    assert real.unpack_values(pack, tmp_path / "b") == 2
+    lm.cache.pop("_values_memo", None)
+    monkeypatch.setenv("EDITKIT_VALUES_DIR", str(tmp_path / "b"))
+    monkeypatch.setattr(V, "optimize_values", lambda *a, **k: pytest.fail("optimized again"))
+    again = V.memoized_values(lm, reqs, 0, cfg=cfg)
+    assert torch.equal(first.delta, again.delta)
