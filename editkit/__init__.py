@@ -12,7 +12,7 @@ from ._version import __version__
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
 from .data.corpus import CorpusUnavailableError
 from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, AlphaEdit, Edit, EditError, Editor, available_presets, make_editor,
-                      summarized_edit_warnings,
+                      EditWarning, summarized_edit_warnings,
                       preset_for, register)
 from .generation import generate
 from .saved import SavedEdit, load_edit
@@ -20,8 +20,8 @@ from .hparams import HparamsError, load_hparams, read_hparams
 from .keys import compute_keys, context_prefixes, hidden_at_subject
 from .protocols import PROTOCOLS, Conventions
 from .metrics import evaluate, summarize
-from .models import (ADAPTERS, Adapter, LanguageModel, ModelSpec, ModelUnavailableError, UnknownArchitectureError,
-                     load_model)
+from .models import (ADAPTERS, Adapter, LanguageModel, ModelSpec, ModelUnavailableError, StaleStatisticsWarning,
+                     UnknownArchitectureError, load_model)
 from .requests import EditRequest, RequestError
 from .solver import SingularSystemError, solve
 from .stats import second_moment
@@ -31,7 +31,7 @@ from .values import ValueConfig, optimize_values
 __all__ = [
     # models and requests
     "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError",
-    "UnknownArchitectureError", "EditRequest", "RequestError",
+    "UnknownArchitectureError", "EditRequest", "RequestError", "StaleStatisticsWarning", "EditWarning",
     # editing
     "Editor", "ROME", "RROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "summarized_edit_warnings", "Edit", "EditError",
     "available_presets", "preset_for", "PROTOCOLS", "Conventions", "load_hparams", "read_hparams", "HparamsError",

@@ -99,7 +99,7 @@ class Unit:
 
 
 def unit_done(store: "RunStore", unit: Unit) -> bool:
-    return all(store.is_done(f) for f in unit.files)
+    return all([store.done_or_redo(f) for f in unit.files])  # every file checked: each redo is said
 
 
 def execute(unit: Unit, lm: LanguageModel, store: "RunStore", on_output: Callable[[], None] | None = None) -> str:

@@ -23,6 +23,7 @@ def context_prefixes(lm: LanguageModel, n: int = 5, length: int = 10, seed: int 
 
     Deterministic for a given model and seed, and cached on the model object.
     """
+    lm.sync_statistics()  # prefixes of weights changed since (outside editkit's edits) are dropped
     key = ("prefixes", n, length, seed)
     if key in lm.cache:
         return lm.cache[key]

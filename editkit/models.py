@@ -424,7 +424,7 @@ class StaleStatisticsWarning(UserWarning):
     """Statistics cached on a model were dropped: its weights changed outside editkit's edits."""
 
 
-def _content_check(t: torch.Tensor) -> int:
+def _content_check(t: torch.Tensor, hashed_on_device: bool | None = None) -> int:
     """A cheap checksum of a tensor's bytes, computed where it lives: crc32 on the CPU
     (~3 GB/s), a wrapping integer hash with per-position odd multipliers on an accelerator
     (a single-element change always changes it). Validates cached sha256 digests."""
@@ -434,7 +434,7 @@ def _content_check(t: torch.Tensor) -> int:
     if flat.numel() == 0:
         return 0
     raw = flat.contiguous().view(torch.uint8)
-    if t.device.type == "cpu":
+    if not (t.device.type != "cpu" if hashed_on_device is None else hashed_on_device):
         return zlib.crc32(raw.numpy().data)
     pad = (-raw.numel()) % 4
     if pad:

@@ -14,8 +14,9 @@ import platform
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -134,6 +135,16 @@ class RunStore:
     stale_after: float = 600.0
     heartbeat: float = 30.0
     poll: float = 1.0
+    key: str | None = None  # the run key (params.json's); every unit's manifest names it (None: read params.json)
+    _told: set = field(default_factory=set, init=False, repr=False, compare=False)  # units said to be redone
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if self.key is None and (self.path / "params.json").exists():
+            try:
+                self.key = _read_params(self.path / "params.json").get("key")
+            except RunStoreError:
+                self.key = None
 
     @classmethod
     def open(cls, kind: str, params: dict, run_dir: str | os.PathLike | None = None,
@@ -155,7 +166,7 @@ class RunStore:
             raise ValueError(f"run directory {path} holds a run with other parameters (key {old.get('key')} "
                              f"≠ {digest}); pass another run_dir or omit it to get one keyed by the parameters")
         log.info("run %s: %s", kind, path)
-        return cls(path, **kw)
+        return cls(path, key=digest, **kw)
 
     # --- files -------------------------------------------------------------
     def _file(self, unit: str) -> Path:
@@ -177,19 +188,42 @@ class RunStore:
             return "no manifest (unfinished)" if f.exists() else "absent"
         try:
             man = json.loads(m.read_text())
-            want_sha, want_bytes = man["sha256"], int(man["bytes"])
+            want_sha, want_bytes, want_rows = man["sha256"], int(man["bytes"]), int(man["rows"])
         except (ValueError, KeyError, TypeError) as exc:
             return f"manifest {m} is unreadable ({type(exc).__name__}: {exc})"
+        run = man.get("run")  # absent in manifests written before units named their run
+        if run is not None and self.key is not None and run != self.key:
+            return f"{m} belongs to another run (key {run}, this run's is {self.key})"
+        if man.get("unit", unit) != unit:
+            return f"manifest {m} names unit {man.get('unit')!r}, not {unit!r}"
         if not f.exists():
             return f"manifest {m} has no CSV"
         sha, n = _sha256_file(f)
         if n != want_bytes or sha != want_sha:
             return f"{f} has {n} bytes / sha256 {sha[:12]}, its manifest records {want_bytes} bytes / {want_sha[:12]}"
+        try:
+            rows = len(_read_csv(f))
+        except Exception as exc:  # noqa: BLE001 - any unreadable CSV is a unit to redo
+            return f"{f} is unreadable ({type(exc).__name__}: {exc})"
+        if rows != want_rows:
+            return f"{f} has {rows} rows, its manifest {m} records {want_rows}"
         return None
 
     def is_done(self, unit: str) -> bool:
         """Whether ``unit`` was written completely (its CSV matches its manifest)."""
         return self._verify(unit) is None
+
+    def done_or_redo(self, unit: str) -> bool:
+        """:meth:`is_done`, and when a unit exists but cannot be used (corrupt, an edited
+        manifest, another run's), say once that it is redone and why (``warnings.warn``)."""
+        why = self._verify(unit)
+        if why not in (None, "absent") and unit not in self._told:
+            self._told.add(unit)
+            if "belongs to another run" in why:
+                why = f"{why}: its rows were computed for another run and are not served"
+            log.warning("run %s: redoing unit %r: %s", self.path, unit, why)
+            warnings.warn(f"run {self.path}: redoing unit {unit!r}: {why}", UserWarning, stacklevel=2)
+        return why is None
 
     # kept for callers of the first API
     has = is_done
@@ -279,8 +313,8 @@ class RunStore:
         frame.to_csv(tmp, index=False)
         sha, n = _sha256_file(tmp)
         os.replace(tmp, f)
-        man = {"unit": unit, "rows": len(frame), "columns": list(map(str, frame.columns)), "bytes": n,
-               "sha256": sha, "host": platform.node(), "pid": os.getpid(),
+        man = {"unit": unit, "run": self.key, "rows": len(frame), "columns": list(map(str, frame.columns)),
+               "bytes": n, "sha256": sha, "host": platform.node(), "pid": os.getpid(),
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _atomic_write_text(self._manifest(unit), json.dumps(man, indent=1))
 
@@ -311,7 +345,12 @@ class RunStore:
             if unfinished:
                 log.warning("run %s: %d unit file(s) without a manifest are unfinished and left out: %s",
                             self.path, len(unfinished), ", ".join(unfinished[:5]))
-            frames = [self.read(m.stem) for m in sorted(units.glob("*.json"))]
+            names = [m.stem for m in sorted(units.glob("*.json"))]
+            foreign = [u for u in names if "belongs to another run" in (self._verify(u) or "")]
+            if foreign:
+                warnings.warn(f"run {self.path}: {len(foreign)} unit(s) belong to another run (its params.json was "
+                              f"replaced) and are left out: {', '.join(foreign[:5])}", UserWarning, stacklevel=2)
+            frames = [self.read(u) for u in names if u not in foreign]
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -321,12 +360,7 @@ class RunStore:
         with any other runner on this directory: units claimed by a live runner are
         skipped and waited for; a unit found corrupt is redone."""
         def job(unit: str, make: Callable[[], pd.DataFrame]):
-            def done() -> bool:
-                why = self._verify(unit)
-                if why not in (None, "absent"):
-                    log.warning("run %s: redoing unit %r: %s", self.path, unit, why)
-                return why is None
-            return unit, done, lambda: self.write(unit, make())
+            return unit, lambda: self.done_or_redo(unit), lambda: self.write(unit, make())
 
         self.run_jobs([job(u, m) for u, m in work], desc=desc, progress=progress)
 
@@ -336,6 +370,8 @@ class RunStore:
         files: ``(claim name, is_done, do)``; ``do`` runs under the claim when not done."""
         pending = list(jobs)
         bar = tqdm(total=len(pending), desc=desc, unit="unit", disable=not progress)
+        waits: dict[str, float] = {}  # unit -> when this runner started waiting for it
+        wait_bar = None
         while pending:
             waiting = []
             for name, done, do in pending:
@@ -349,10 +385,41 @@ class RunStore:
                     bar.update(1)
                 except UnitClaimed:
                     waiting.append((name, done, do))
+                    self._say_who_holds(name, waits)
             pending = waiting
             if pending:
+                if progress and wait_bar is None:
+                    wait_bar = tqdm(desc=f"{desc}: waiting for units held by other runners", unit="s",
+                                    bar_format="{desc}: {elapsed}")
+                if wait_bar is not None:
+                    wait_bar.set_postfix_str(f"{len(pending)} unit(s), e.g. {pending[0][0]!r}", refresh=False)
+                    wait_bar.update(0)
                 time.sleep(self.poll)
+        if wait_bar is not None:
+            wait_bar.close()
         bar.close()
+
+    def _say_who_holds(self, unit: str, waits: dict[str, float]) -> None:
+        """Tell the user (once, then every minute) which runner holds ``unit`` and how long this
+        one waits at most: a silent wait of up to ``stale_after`` seconds looks like a hang."""
+        now = time.time()
+        first = unit not in waits
+        last = waits.setdefault(unit, now)
+        if not first and now - last < 60:
+            return
+        waits[unit] = now
+        lock = self._lock(unit)
+        owner = self._owner(lock)
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:
+            return
+        who = f"{owner.get('host', '?')} (pid {owner.get('pid', '?')})"
+        text = (f"run {self.path}: unit {unit!r} is being computed by {who}, lock refreshed {age:.0f} s ago; "
+                f"waiting for it (taken over if not refreshed for {self.stale_after:.0f} s)")
+        if first:
+            warnings.warn(text, UserWarning, stacklevel=3)
+        log.warning("%s", text)
 
     # --- tensors (sequential editing state) ----------------------------------
     def save_state(self, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -239,6 +239,7 @@ class SavedEdit:
                     if not torch.isfinite(new).all():
                         raise EditError(f"layer {layer}: the saved update overflows {W.dtype}; no weights were changed")
                     W.copy_(new)
+            lm.weights_written({lm.weight_name(l) for l in self.deltas})  # an editkit edit: statistics stay
             self._written(lm, edit)
         except BaseException:
             edit.undo()

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -376,6 +377,11 @@ class NullSpace:
         mu, U = torch.linalg.eigh((C + C.T) / 2)
         top = mu[-1].item()
         cut = threshold * top if relative else threshold
+        if cut > top:
+            warnings.warn(f"AlphaEdit: nullspace_threshold={threshold:g} is above C0's top eigenvalue {top:.3g}: "
+                          "every direction counts as null space, the projector is the identity and the update "
+                          "protects no preserved key; lower the threshold (or use nullspace_relative=True with "
+                          "a small fraction)", UserWarning, stacklevel=2)
         return cls(U[:, mu < cut].to(C0.dtype).contiguous(), float(threshold), bool(relative), float(cut), top)
 
     @property

@@ -92,7 +92,8 @@ def test_with_identity_projector_and_no_earlier_keys_it_is_ridge_memit():
     g = torch.Generator().manual_seed(3)
     K0 = _preserved_keys(g, noise=0.1)
     C0 = K0 @ K0.T / K0.shape[1]
-    everything = NullSpace.of(C0, threshold=2.0, relative=True)
+    with pytest.warns(UserWarning, match="identity"):  # it protects nothing: said, since an editor would not want it
+        everything = NullSpace.of(C0, threshold=2.0, relative=True)
     assert everything.rank == D_IN
     torch.testing.assert_close(everything.projector, torch.eye(D_IN, dtype=torch.float64))
     K, R = _edit(g)

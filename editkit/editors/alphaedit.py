@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +54,16 @@ class AlphaEdit(Editor):
     method: ClassVar[str] = "AlphaEdit"
     constraint: ClassVar[str] = "null_space"
     aliases: ClassVar[dict[str, str]] = {"L2": "reg"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        t = self.nullspace_threshold
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0):
+            raise ValueError(f"AlphaEdit: nullspace_threshold={t!r} is impossible; give a positive number")
+        if self.nullspace_relative and t >= 1:
+            raise ValueError(f"AlphaEdit: nullspace_threshold={t!r} with nullspace_relative=True cuts at or above the "
+                             "top eigenvalue of C0: the projector is the identity and no preserved key is protected; "
+                             "give a fraction well below 1 (e.g. 1e-2)")
 
     def null_space(self, lm: LanguageModel, layer: int, C0: torch.Tensor | C0Factor) -> NullSpace:
         """The projector's basis for ``C0`` at ``layer`` (or for ``L Lᵀ`` of its cached

@@ -20,9 +20,9 @@ from ..models import LanguageModel
 from ..protocols import Conventions, conventions, sample_prefixes
 from ..requests import EditRequest, RequestError
 from ..solver import C0Factor, Solution, ridge, solve
-from ..stats import c0_factor, second_moment
+from ..stats import c0_factor, provenance, second_moment
 from ..values import ValueConfig, memoized_values
-from .edit import HUGE_UPDATE_RATIO, Edit, EditError
+from .edit import HUGE_UPDATE_RATIO, Edit, EditError, _report
 from .presets import _read_preset
 
 log = logging.getLogger("editkit.editors")  # one logger for the package: summarized_edit_warnings filters it
@@ -75,7 +75,7 @@ class Editor:
     original_rome: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        layers = [self.layers] if isinstance(self.layers, int) else self.layers
+        layers = self.layers if isinstance(self.layers, (list, tuple, range)) else [self.layers]
         if not layers or not all(isinstance(l, int) and not isinstance(l, bool) for l in layers):
             raise ValueError(f"layers: give a non-empty list of layer numbers, e.g. [1] or [3, 4, 5] "
                              f"(got {self.layers!r})")
@@ -155,7 +155,9 @@ class Editor:
 
         C0 always describes the *unedited* model: it is remembered on the model object
         the first time it is asked for (call this before a sequence of edits) and reused
-        by every later edit."""
+        by every later edit. Weights changed other than by editkit's edits make it stale:
+        it is then recomputed (see :meth:`LanguageModel.sync_statistics`)."""
+        lm.sync_statistics()
         key = ("C0", layer, corpus_name(self.corpus), self.n_samples, self.max_tokens)
         C0 = lm.cache.get(key)
         if C0 is not None and tuple(C0.shape) != (lm.d_in(layer),) * 2:  # never reuse a C0 of another shape
@@ -175,6 +177,7 @@ class Editor:
         unedited model), cached on disk beside it (:func:`editkit.stats.c0_factor`). With a given ``C0`` tensor (``apply(stats=...)``):
         factorized once and reused for as long as that same tensor is passed unchanged.
         Kept on the CPU with ``offload_factor``, else on the edited weight's device."""
+        lm.sync_statistics()
         dtype = getattr(torch, self.solve_dtype)
         device = torch.device("cpu") if self.offload_factor else lm.weight(layer).device
         if C0 is None:
@@ -202,15 +205,16 @@ class Editor:
             lm.edit_module(layer)  # range check before any work
         lm.check_finite()  # NaN weights otherwise surface far away (a singular solve, a misleading hint)
         for layer, C in (stats or {}).items():
-            _check_c0(C, lm.d_in(layer), f"stats[{layer}]")
-        if layers[-1] == lm.n_layers - 1:
-            log.warning("editing the last layer (%d): a change at the subject's last token there cannot reach "
-                        "the later tokens that predict the object; pick an earlier layer", layers[-1])
+            _check_c0(C, lm.d_in(layer), f"stats[{layer}]", lm, layer)
+        last = layers[-1] == lm.n_layers - 1
         originals = {l: lm.weight(l).detach().clone() for l in layers}
         edit = Edit(lm=lm, method=self.method, requests=reqs, originals=originals, editor=self)
         lm.edits.append(edit)
+        if last:
+            edit.flags["last_layer"] = True
         try:
-            with lm.eval_mode():  # dropout would make every Δ random
+            # the statistics cached on lm are checked once against the weights (see sync_statistics)
+            with lm.eval_mode(), lm._statistics_checked():  # dropout would make every Δ random
                 t0 = time.perf_counter()
                 given = stats or {}
                 if self.solve_path == "cached":
@@ -228,6 +232,7 @@ class Editor:
         except BaseException:
             edit.undo()
             raise
+        lm.weights_written({lm.weight_name(l) for l in layers})  # editkit's own write: statistics stay valid
         self._flag_convergence(edit)
         for layer in layers:
             w = lm.weight(layer).detach()
@@ -237,9 +242,15 @@ class Editor:
                                  "original_norm": originals[layer].double().norm().item()}
             ratio = edit.norms[layer]["delta_norm"] / max(edit.norms[layer]["original_norm"], 1e-30)
             if ratio > HUGE_UPDATE_RATIO:
-                log.warning("%s at layer %d: ‖Δ‖ = %.3g is %.3g × ‖W‖; the edit dwarfs the layer's weights (check "
-                            "C0, reg and the value optimization)", self.method, layer, edit.norms[layer]["delta_norm"],
-                            ratio, extra={"editkit_kind": "huge_update", "editkit_count": (1, 1)})
+                edit.flags.setdefault("huge_update", []).append(layer)
+            _report("huge_update", self.method, int(ratio > HUGE_UPDATE_RATIO), 1,
+                    f"{self.method} at layer {layer}: ‖Δ‖ = {edit.norms[layer]['delta_norm']:.3g} is {ratio:.3g} × ‖W‖; "
+                    "the edit dwarfs the layer's weights (check C0, reg and the value optimization); "
+                    "edit.flags['huge_update'] names the layer")
+        _report("last_layer", self.method, int(last), 1,
+                f"{self.method} edits the last layer ({layers[-1]}): a change at the subject's last token there "
+                "cannot reach the later tokens that predict the object, so the edit has no effect on them; pick "
+                "an earlier layer")
         return edit
 
     def _c0_provenance(self, layer: int, given: dict, C0: Any) -> dict[str, Any]:
@@ -260,14 +271,16 @@ class Editor:
         conv = [bool(n < self.values.stop_nll) for n in final]
         edit.diagnostics["converged"] = conv
         bad = [i for i, c in enumerate(conv) if not c]
+        message = ""
         if bad:
+            edit.flags["not_converged"] = bad
             init = edit.diagnostics.get("nll_init", [])
             shown = ", ".join(f"{edit.requests[i].subject!r} NLL {init[i]:.3g} → {final[i]:.3g}" for i in bad[:3])
-            log.warning("%s: value optimization did not converge for %d of %d request(s) in %d steps (stop_nll=%g): "
-                        "%s%s. Raise v_steps or v_lr; edit.diagnostics['converged'] flags them",
-                        self.method, len(bad), len(conv), self.values.v_steps, self.values.stop_nll, shown,
-                        " ..." if len(bad) > 3 else "",
-                        extra={"editkit_kind": "not_converged", "editkit_count": (len(bad), len(conv))})
+            message = (f"{self.method}: value optimization did not converge for {len(bad)} of {len(conv)} request(s) "
+                       f"in {self.values.v_steps} steps (stop_nll={self.values.stop_nll:g}): {shown}"
+                       f"{' ...' if len(bad) > 3 else ''}. Raise v_steps or v_lr; edit.flags['not_converged'] and "
+                       "edit.diagnostics['converged'] flag them")
+        _report("not_converged", self.method, len(bad), len(conv), message)
 
     @contextmanager
     def applied(self, lm: LanguageModel, requests: Sequence[EditRequest | Any], **kw: Any) -> Iterator[Edit]:
@@ -302,6 +315,7 @@ class Editor:
         reference does (it samples them on its first edit and caches them for the process)."""
         if self.prefixes is not None:
             return ["", *self.prefixes]
+        lm.sync_statistics()
         conv = conventions(self.protocol)
         spec = conv.rome_prefixes if self.original_rome else conv.prefixes
         if spec is None:
@@ -400,10 +414,22 @@ def _unwind(lm: LanguageModel, depth: int) -> None:
         lm.edits[-1].undo()
 
 
-def _check_c0(C: torch.Tensor, d_in: int, what: str) -> None:
+def _check_c0(C: torch.Tensor, d_in: int, what: str, lm: LanguageModel | None = None,
+              layer: int | None = None) -> None:
     if not isinstance(C, torch.Tensor) or tuple(C.shape) != (d_in, d_in):
         shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
         raise ValueError(f"{what}: C0 must be a {d_in} × {d_in} tensor (the edited layer's d_in), got {shape}")
+    if C.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{what}: C0 is {C.dtype}; give it in float64 (as ek.second_moment returns it) or float32: "
+                         "a 16-bit C0 loses the small eigenvalues the solve divides by")
+    origin = provenance(C)
+    if origin is not None and lm is not None:
+        if origin.get("model") != lm.name:
+            raise ValueError(f"{what}: this C0 was computed from model {origin.get('model')!r}, not {lm.name!r}; "
+                             "compute it with ek.second_moment on the model you edit")
+        if layer is not None and origin.get("layer") != layer:
+            raise ValueError(f"{what}: this C0 is layer {origin.get('layer')}'s of {lm.name}, not layer {layer}'s; "
+                             f"pass stats={{{origin.get('layer')}: C0}} or compute layer {layer}'s")
     if not bool(torch.isfinite(C).all()):
         raise ValueError(f"{what}: C0 holds {int((~torch.isfinite(C)).sum())} NaN/inf value(s); recompute it "
                          "(ek.second_moment) from a model whose weights are finite")
@@ -446,9 +472,20 @@ def _check_hyperparameters(ed: "Editor") -> None:
 def _as_requests(requests: Sequence[Any]) -> list[EditRequest]:
     if isinstance(requests, EditRequest) or hasattr(requests, "request"):
         requests = [requests]
+    if requests is None or isinstance(requests, (str, bytes)) or not hasattr(requests, "__iter__"):
+        raise RequestError(f"requests={requests!r}: give a non-empty list of ek.EditRequest (or records with "
+                           ".request), e.g. editor.apply(lm, [ek.EditRequest('The mother tongue of {} is', "
+                           "'Toko Yasuda', 'French')])")
     reqs = [r if isinstance(r, EditRequest) else getattr(r, "request", None) for r in requests]
     if not reqs or any(r is None for r in reqs):
         raise RequestError("requests must be a non-empty list of ek.EditRequest (or records with .request)")
+    wanted: dict[tuple[str, str], str] = {}
+    for r in reqs:
+        old = wanted.setdefault((r.prompt, r.subject), r.target_new)
+        if old != r.target_new:
+            raise RequestError(
+                f"one batch rewrites {r.text!r} both to {old!r} and to {r.target_new!r}: the two edits contradict "
+                f"each other (subject {r.subject!r}); keep one of them, or apply them in separate batches")
     subjects = [r.subject for r in reqs]
     if len(set(subjects)) < len(subjects):
         log.warning("%d requests share a subject; their edits compete (use unique_subjects=True when loading)",

@@ -3,6 +3,7 @@ summarizes once instead of per edit."""
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,44 +23,71 @@ HUGE_UPDATE_RATIO = 100.0
 
 
 
-class _EditWarnings(logging.Filter):
-    """Holds back the per-edit warnings (value optimization not converged, update dwarfing
-    the weights) and counts them, so a study of hundreds of edits says it once, at the end."""
+class EditWarning(UserWarning):
+    """Something about an edit a user must know (its update dwarfs the layer, its value
+    optimization did not converge, it edits the last layer). Also flagged on ``Edit.flags``."""
+
+
+class _EditWarnings:
+    """Per-edit warnings held back and counted over *every* edit (flagged or not), so a study
+    of hundreds of edits says "k of N" once, at the end."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.counts: dict[tuple[str, str], list] = {}  # (kind, method) -> [flagged, out of, first message]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        kind = getattr(record, "editkit_kind", None)
-        if kind is None:
-            return True
-        method = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
-        c = self.counts.setdefault((kind, method), [0, 0, record.getMessage()])
-        bad, total = getattr(record, "editkit_count", (1, 1))
+    def add(self, kind: str, method: str, bad: int, total: int, message: str | None) -> None:
+        c = self.counts.setdefault((kind, method), [0, 0, None])
         c[0] += bad
         c[1] += total
-        return False
+        if c[2] is None and bad:
+            c[2] = message
+
+
+#: The summaries open in this process, innermost last (see summarized_edit_warnings).
+_SUMMARIES: list[_EditWarnings] = []
+
+_SUMMARY_TEXT = {
+    "not_converged": "the value optimization did not converge for {bad} of {total} request(s) (the `converged` "
+                     "column flags them; raise v_steps or v_lr)",
+    "huge_update": "{bad} of {total} layer update(s) changed a layer by more than {ratio:g} × its norm",
+    "last_layer": "{bad} of {total} edit(s) edited the last layer, where a change at the subject cannot reach "
+                  "the object's prediction",
+}
+
+
+def _report(kind: str, method: str, bad: int, total: int, message: str) -> None:
+    """One edit's outcome for ``kind``: counted by the open summary, or (none open, ``bad`` > 0)
+    logged and shown to the user with ``warnings.warn`` (a notebook shows it; logging under a
+    NullHandler shows nothing)."""
+    if _SUMMARIES:
+        _SUMMARIES[-1].add(kind, method, bad, total, message)
+    elif bad:
+        log.warning("%s", message)
+        warnings.warn(message, EditWarning, stacklevel=3)
 
 
 @contextmanager
 def summarized_edit_warnings(what: str = "this run") -> Iterator[_EditWarnings]:
-    """Within the block, the editors' per-edit warnings are counted instead of logged; on
-    exit one warning per kind and method gives the totals and the first example. (Each
-    edit's ``converged`` flag and update norm stay in the results.)"""
+    """Within the block, the editors' per-edit warnings are counted (over every edit, warned
+    or not) instead of shown; on exit one warning per kind and method gives "k of N" and the
+    first example, logged and through ``warnings.warn``. (Each edit's ``converged`` flag and
+    update norm stay in the results, its ``flags`` on the Edit.)"""
     f = _EditWarnings()
-    log.addFilter(f)
+    _SUMMARIES.append(f)
     try:
         yield f
     finally:
-        log.removeFilter(f)
+        _SUMMARIES.remove(f)
         for (kind, method), (bad, total, first) in f.counts.items():
-            if kind == "not_converged":
-                log.warning("%s, %s: the value optimization did not converge for %d of %d request(s) (the `converged` "
-                            "column flags them; raise v_steps or v_lr). First: %s", what, method, bad, total, first)
-            else:
-                log.warning("%s, %s: %d edit(s) changed a layer by more than %g × its norm. First: %s", what,
-                            method, bad, HUGE_UPDATE_RATIO, first)
+            if bad:
+                text = (f"{what}, {method}: " + _SUMMARY_TEXT[kind].format(bad=bad, total=total,
+                                                                          ratio=HUGE_UPDATE_RATIO)
+                        + f". First: {first}")
+                if _SUMMARIES:  # an outer summary counts them too
+                    _SUMMARIES[-1].add(kind, method, bad, total, first)
+                    continue
+                log.warning("%s", text)
+                warnings.warn(text, EditWarning, stacklevel=3)
 
 
 class EditError(RuntimeError):
@@ -88,6 +116,9 @@ class Edit:
     # model state besides the weights that this edit changed, as it was before (``lm.cache``
     # key -> previous value, None if absent): AlphaEdit's K_p K_pᵀ. Undo puts it back.
     state_before: dict[Any, Any] = field(default_factory=dict, repr=False)
+    # what the user must know about this edit (also warned): "huge_update" (layers), "not_converged"
+    # (request indices), "last_layer" (True); empty for a healthy edit
+    flags: dict[str, Any] = field(default_factory=dict)
     undone: bool = False
     committed: bool = False
     scoped: bool = field(default=False, repr=False)  # applied by ``Editor.applied``: undone when its block ends
@@ -119,6 +150,7 @@ class Edit:
         with torch.no_grad():
             for layer, w in self.originals.items():
                 self.lm.weight(layer).copy_(w)
+        self.lm.weights_written({self.lm.weight_name(layer) for layer in self.originals})
         for key, value in self.state_before.items():
             if value is None:
                 self.lm.cache.pop(key, None)
@@ -136,7 +168,7 @@ class Edit:
             raise EditError("this edit was undone; there is nothing to commit")
         stack = self.lm.edits
         below = stack[:next((i for i, e in enumerate(stack) if e is self), len(stack))]
-        if any(e.scoped for e in below):
+        if self.scoped or any(e.scoped for e in below):
             raise EditError("this edit sits inside an `applied()` block, which undoes every edit made in it on exit; "
                             "commit it outside the block")
         self._forget()

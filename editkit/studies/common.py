@@ -129,6 +129,16 @@ def perplexity(lm: LanguageModel, texts: Sequence[str], batch_size: int = 16, ma
 
 
 @contextmanager
+def _written_by_editkit(lm: LanguageModel, layer: int) -> Iterator[None]:
+    """On exit, record the edited weight (put back by the runner) as editkit's own write, so
+    the statistics cached on the model (the unedited model's) stay valid."""
+    try:
+        yield
+    finally:
+        lm.weights_written({lm.weight_name(layer)})
+
+
+@contextmanager
 def _restored_state(editor: Editor, lm: LanguageModel) -> Iterator[dict[str, torch.Tensor]]:
     """The method's state besides the weights (AlphaEdit's K_p K_pᵀ) as the sequence found
     it, put back when the sequence ends: like the weights, the model leaves a run as it came."""

@@ -27,6 +27,8 @@ def layer_sweep(lm: LanguageModel, records: Sequence[Any], methods: Sequence[str
     computes the (layer, chunk) units on its workers, into the same run store."""
     recs = _records(records, n_edits)
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: give the layers to sweep, e.g. layers=[0, 1, 2], or None for all")
     _positive(chunk=chunk, eval_batch_size=eval_batch_size)
     _check_layers(lm, layers)
     kw = editor_kwargs or {}

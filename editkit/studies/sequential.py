@@ -17,7 +17,8 @@ from ..hooks import restored_weights
 from ..models import LanguageModel
 from ..runstore import RunStore
 from . import common
-from .common import _check_layers, _identity, _method_name, _positive, _records, _restored_state, _with_converged, perplexity
+from .common import (_check_layers, _identity, _method_name, _positive, _records, _restored_state, _with_converged,
+                     _written_by_editkit, perplexity)
 
 log = logging.getLogger("editkit.studies")
 
@@ -89,9 +90,10 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
     n_batches = len(recs) // bs
     state_name = f"state-{m}-bs{bs:06d}"
     tick = on_output or (lambda: None)
-    with restored_weights([module]), _restored_state(editor, lm) as start_state:
+    with _written_by_editkit(lm, layer), restored_weights([module]), _restored_state(editor, lm) as start_state:
         W0 = lm.weight(layer).detach().to(torch.float64, copy=True)
         editor.second_moment(lm, layer, progress)  # C0 of the unedited model, before any state is loaded
+        editor.context(lm)  # and its context prefixes (sampled from the unedited model, as in an unbroken run)
         start = 0
         saved = store.load_state(state_name)
         if saved is not None:
@@ -105,6 +107,7 @@ def _sequence(lm: LanguageModel, store: RunStore, editor: Editor, m: str, bs: in
             else:
                 with torch.no_grad():
                     module.weight.copy_(tensors.pop("weight").to(module.weight))
+                lm.weights_written({lm.weight_name(layer)})  # editkit's own write: the statistics stay
                 editor.load_sequential_state(lm, tensors)  # e.g. AlphaEdit's K_p K_pᵀ
                 log.info("%s bs=%d: resuming after batch %d", m, bs, start)
         if start == 0:
