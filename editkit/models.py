@@ -290,20 +290,23 @@ class LanguageModel:
         validated by a cheap content checksum taken where the tensor lives (crc32 on the
         CPU, an integer hash on an accelerator: one read of the weights, no copy), so
         writes that bypass the version counter (``w.data.mul_(...)``) are seen too.
-        ``refresh=True`` drops the cached digests.
+        ``refresh=True`` drops the cached digests. Inside an edit (after its one full check,
+        see :meth:`sync_statistics`) the version counters are trusted: editkit's own writes
+        bump them, so the value memo's key costs no extra read of the weights.
         """
         import hashlib
 
         digests: dict = self.cache.setdefault("_tensor_digests", {})
         if refresh:
             digests.clear()
+        trust, seen = bool(self.cache.get("_stats_checked")) and not refresh, {}
         h = hashlib.sha256(self.name.encode())
         h.update(self.model.config.to_json_string(use_diff=False).encode())
         for pname, t in self._tensors():
             if upto_layer is not None and self._after(pname, upto_layer):
                 continue
             h.update(pname.encode())
-            h.update(_tensor_digest(pname, t, digests).encode())
+            h.update(_tensor_digest(pname, t, digests, trust, seen).encode())
         return h.hexdigest()[:16]
 
     def _tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -313,7 +316,9 @@ class LanguageModel:
     def weight_digests(self, names: set[str] | None = None) -> dict[str, str]:
         """Per-tensor content digests (every parameter and buffer, or those in ``names``)."""
         digests: dict = self.cache.setdefault("_tensor_digests", {})
-        return {n: _tensor_digest(n, t, digests) for n, t in self._tensors() if names is None or n in names}
+        seen: dict = {}
+        return {n: _tensor_digest(n, t, digests, False, seen) for n, t in self._tensors()
+                if names is None or n in names}
 
     def sync_statistics(self) -> None:
         """Drop the statistics cached on this model (C0, its factors, context prefixes, null
@@ -459,9 +464,14 @@ def _multipliers(device: torch.device, n: int = 1 << 22) -> torch.Tensor:
     return _MULTIPLIERS[key]
 
 
-def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:
+def _tensor_digest(name: str, t: torch.Tensor, cache: dict, trust_versions: bool = False,
+                   seen: dict | None = None) -> str:
     """sha256 of a tensor's dtype, shape and bytes; ``cache[name]`` keeps the last digest
-    with the (identity, storage, version, shape, dtype, device) it was computed for."""
+    with the (identity, storage, version, shape, dtype, device, content checksum) it was
+    computed for. ``trust_versions``: reuse a cached digest whose key matches but for the
+    checksum, without reading the tensor (sound only while every write bumps the version
+    counter: inside an edit, right after a full check). ``seen`` (per call) hashes a tensor
+    listed under several names (tied embeddings) once."""
     import hashlib
 
     try:
@@ -469,11 +479,19 @@ def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:
     except RuntimeError:  # inference-mode tensors have no version counter
         version = None
     meta = t.device.type == "meta"
+    ident = (id(t), t.data_ptr() if not meta else 0, version, tuple(t.shape), str(t.dtype), str(t.device))
+    hit = cache.get(name)
+    if trust_versions and version is not None and hit is not None and hit[0][:-1] == ident:
+        return hit[1]
+    if seen is not None and ident in seen:
+        cache[name] = seen[ident]
+        return seen[ident][1]
     with torch.no_grad():
         check = 0 if meta else _content_check(t)
-    key = (id(t), t.data_ptr() if not meta else 0, version, tuple(t.shape), str(t.dtype), str(t.device), check)
-    hit = cache.get(name)
+    key = (*ident, check)
     if hit is not None and hit[0] == key:
+        if seen is not None:
+            seen[ident] = hit
         return hit[1]
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.device.type == "meta":
@@ -487,6 +505,8 @@ def _tensor_digest(name: str, t: torch.Tensor, cache: dict) -> str:
                 h.update(piece.numpy().data)
     digest = h.hexdigest()
     cache[name] = (key, digest)
+    if seen is not None:
+        seen[ident] = cache[name]
     return digest
 
 

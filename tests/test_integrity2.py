@@ -453,3 +453,18 @@ def test_content_check_sees_one_changed_element_and_permutations(on_device):
         z = x.clone()
         z[[3, 4]] = z[[4, 3]]
         assert torch.equal(z, x) or _content_check(z, on_device) != base
+
+
+def test_a_loaded_saved_edit_keeps_the_statistics(tmp_path, cache):
+    lm = tiny_lm("gpt2", n_layer=2)
+    rome = ek.ROME(layer=0, **FAST)
+    edit = rome.apply(lm, _records(1), progress=False)
+    edit.save(tmp_path / "edit")
+    edit.undo()
+    C0 = rome.second_moment(lm, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ek.StaleStatisticsWarning)  # an editkit edit, not a foreign change
+        again = ek.load_edit(tmp_path / "edit").apply(lm)
+        assert rome.second_moment(lm, 0) is C0
+        again.undo()
+        assert rome.second_moment(lm, 0) is C0
