@@ -437,7 +437,8 @@ class ValueBatch:
     def measure(self) -> None:
         """The NLL the current δ reaches for the requests still active (after the last step)."""
         if self.active.any():
-            self.repad()
+            if not torch.equal(torch.nonzero(self.active).flatten(), self.idx):  # the same rows: keep their states
+                self.repad()
             with torch.no_grad():
                 self.nll[self.idx] = self.terms(self.forward(with_delta=True))[0].cpu()
 
