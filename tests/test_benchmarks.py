@@ -105,6 +105,24 @@ def test_readme_updater_touches_only_the_marked_section(tmp_path):
         run.update_readme("t", tmp_path / "bad.md")
 
 
+def test_full_run_keeps_the_other_benchmarks_sections_of_results_md(tmp_path):
+    """RESULTS.md is rewritten by a full run; the profile and the comparison with the authors'
+    code (written by their own scripts between markers) stay in it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.report import update_section, write_outputs
+
+    md = tmp_path / "RESULTS.md"
+    update_section(md, "profile", "## Profile\nold")
+    update_section(md, "profile", "## Profile\nnew")  # replaced, not appended
+    update_section(md, "vs-authors", "## vs authors\nrows")
+    machine = {"cpu": "x", "cores": 1, "torch": "t", "torch_threads": 1, "device": "cpu", "mode": "full"}
+    write_outputs([], machine, tmp_path / "results.json", md)
+    text = md.read_text()
+    assert text.startswith("# editkit benchmarks (full)")
+    assert text.count("<!-- profile:start -->\n## Profile\nnew\n<!-- profile:end -->") == 1 and "old" not in text
+    assert "<!-- vs-authors:start -->\n## vs authors\nrows\n<!-- vs-authors:end -->" in text
+
+
 def test_table_renders_skipped_and_missing_figures():
     run = _load_run()
     entries = [{"name": "scoring", "section": "scoring", "skipped": "no metrics", "repeats": 0},
