@@ -1,11 +1,13 @@
 """Command line: ``editkit figures`` regenerates every figure; ``editkit run NOTEBOOK``
-runs one notebook with other parameters; ``editkit world build`` retrains the embedded
+runs one notebook with other parameters into a run folder ``runs/NAME-KEY/`` (executed copy
+and figures); ``editkit report RUN`` turns a run into one HTML page; ``editkit world build`` retrains the embedded
 world models; ``editkit methods`` lists the editing methods and their settings (from a
 preset with ``--preset``), as the runners would build them.
 
 ``figures`` executes each parameterized notebook in ``notebooks/`` with papermill
 (their defaults, or tiny parameters with ``--quick``), writes the executed copies
-to ``<runs>/notebooks/`` and the figures to ``figures/``, prints one line per notebook
+to ``<runs>/notebooks/`` and the figures to ``figures/`` (the only command that writes
+there; ``run`` writes into its own run folder), prints one line per notebook
 (start, finish, elapsed) under an overall progress bar, and exits non-zero naming
 every notebook that failed. Relative folders are relative to the repository.
 """
@@ -71,6 +73,42 @@ def _notebook_parameters(path: Path) -> set[str]:
     return set(inspect_notebook(str(path)))
 
 
+def run_key(name: str, params: dict) -> str:
+    """The key of a notebook run: sha256 of the notebook's name and its parameters (output folders
+    left out), so the same run lands in the same run folder and another run in another."""
+    import hashlib
+
+    kept = {k: v for k, v in params.items() if k not in ("figures_dir", "runs_dir")}
+    return hashlib.sha256(json.dumps({"notebook": name, "parameters": kept}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:12]
+
+
+def _cpu_seconds() -> float | None:
+    """CPU seconds used so far by this process and its finished children (the notebook kernels)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return None
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _annotate(path: Path, name: str, key: str, log_file: Path, cpu: float | None) -> None:
+    """Store what the run was computed from in the executed notebook's metadata (``editkit``):
+    run key, the run log (models' fingerprints, records' hashes), versions, CPU time, host."""
+    import platform
+
+    from . import runlog
+
+    if not path.is_file():
+        return
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    nb.setdefault("metadata", {})["editkit"] = {
+        "notebook": name, "run_key": key, "log": runlog.read(log_file), "versions": runlog.versions(),
+        "cpu_seconds": cpu, "host": platform.node()}
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, quick: bool,
                   extra: dict | None = None, timeout: int | None = None, progress: bool = True,
                   out_dir: Path | None = None, outputs: dict[str, Path] | None = None) -> list[str]:
@@ -105,10 +143,13 @@ def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, 
         params = {k_: v for k_, v in params.items() if k_ in known or k_ in (extra or {})}
         if unknown and set(unknown) - {"figures_dir", "runs_dir", "quick"}:
             log.warning("%s has no parameter(s) %s", name, ", ".join(unknown))
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         bar.write(f"[{k}/{len(names)}] {name}: started {time.strftime('%H:%M:%S')}")
+        out = (outputs or {}).get(name, out_dir / name)
+        log_file = out.with_name(f".{out.stem}.runlog.jsonl")
+        log_file.unlink(missing_ok=True)
+        os.environ["EDITKIT_RUN_LOG"] = str(log_file)  # the kernel inherits it (editkit.runlog)
         try:
-            out = (outputs or {}).get(name, out_dir / name)
             pm.execute_notebook(str(notebooks / name), str(out), parameters=params,
                                 cwd=str(notebooks), kernel_name="python3", progress_bar=False,
                                 execution_timeout=timeout, log_output=False,
@@ -121,6 +162,12 @@ def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, 
             bar.write(f"[{k}/{len(names)}] {name}: FAILED after {_elapsed(time.perf_counter() - t0)}: "
                       f"{' | '.join(lines[-2:])}")
             failed.append(name)
+        finally:
+            os.environ.pop("EDITKIT_RUN_LOG", None)
+            cpu1 = _cpu_seconds()
+            _annotate(out, name, run_key(name, params), log_file,
+                      None if cpu0 is None or cpu1 is None else cpu1 - cpu0)
+            log_file.unlink(missing_ok=True)
         bar.update(1)
     bar.close()
     log.info("%d notebook(s) in %s", len(names), _elapsed(time.perf_counter() - t_all))
@@ -178,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("notebook", help="name in notebooks/ (with or without .ipynb) or a path")
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     run.add_argument("--quick", action="store_true", help="start from the notebook's --quick parameters")
-    run.add_argument("--out", type=Path, default=None, help="executed notebook (default runs/notebooks/NAME)")
+    run.add_argument("--out", type=Path, default=None,
+                     help="executed notebook (default runs/NAME-KEY/NAME.ipynb, KEY a hash of the parameters)")
+    run.add_argument("--figures", type=Path, default=None,
+                     help="where its figures go (default: figures/ beside the executed notebook, never the "
+                     "repository's figures/ unless asked: --figures figures)")
     run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     run.add_argument("--help-notebook", action="store_true", help="list the notebook's parameters and exit")
     world = sub.add_parser("world", help="the embedded world: retrain its models from the code",
@@ -190,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     world.add_argument("--force", action="store_true", help="retrain even when the cache has a build")
     world.add_argument("--ship", action="store_true",
                        help="maintainers: copy the builds into editkit/world/models (then commit them)")
+    report = sub.add_parser("report", help="one self-contained HTML page of a run",
+                            description="Write RUN/report.html: the executed notebook with its figures embedded, "
+                            "its parameters, run key, records' hash, model fingerprint, package versions and CPU "
+                            "time. RUN is a run folder of `editkit run` or an executed .ipynb.")
+    report.add_argument("run", type=Path)
+    report.add_argument("--out", type=Path, default=None, help="the HTML file (default RUN/report.html)")
     methods = sub.add_parser("methods", help="list the editing methods and their settings")
     methods.add_argument("--preset", default=None, help="show the settings this preset gives each method")
     args = parser.parse_args(argv)
@@ -216,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
             except (KeyError, ValueError, OSError) as exc:  # no such preset, or a file that is not a preset
                 parser.error(f"--preset {args.preset}: {exc.args[0] if exc.args else exc}")
         print(describe_methods(args.preset))
+        return 0
+
+    if args.command == "report":
+        from .report import write_report
+
+        try:
+            path = write_report(args.run, args.out)
+        except (FileNotFoundError, ValueError) as exc:
+            parser.error(str(exc))
+        print(f"editkit report: {path}")
         return 0
 
     from .notebook import resolve_dir
@@ -270,12 +337,17 @@ def _run_one(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"{path.name} has no parameter(s) {', '.join(unknown)}; it has: {', '.join(sorted(known))}")
     quick = dict(QUICK.get(path.name, {}), quick=True) if args.quick else {}
     runs = resolve_dir("runs")
-    out = args.out or runs / "notebooks" / path.name
+    extra = {**quick, **params}
+    # the run folder: the executed copy, its figures (and report.html, from `editkit report`)
+    out = args.out or runs / f"{path.stem}-{run_key(path.name, extra)}" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    failed = run_notebooks([path.name], path.parent, resolve_dir(runs / "quick-figures" if args.quick else "figures"),
-                           runs, quick=False, extra={**quick, **params}, timeout=args.timeout, outputs={path.name: out})
+    figures = resolve_dir(args.figures) if args.figures is not None else out.parent / "figures"
+    failed = run_notebooks([path.name], path.parent, figures, runs, quick=False, extra=extra, timeout=args.timeout,
+                           outputs={path.name: out})
     print(f"editkit run: {path.name} {'FAILED' if failed else 'ran'}; executed copy in {out}",
           file=sys.stderr if failed else sys.stdout)
+    if not failed:
+        print(f"  figures in {figures}; a report to share: editkit report {out.parent}")
     return 1 if failed else 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -190,18 +191,73 @@ class Setup:
 
         corpus = self.corpus(method)
         if not is_offline_corpus(corpus) or str(corpus).startswith("model-text"):
-            return load_counterfact(dataset, n=n, seed=seed, unique_subjects=unique_subjects)
-        recs = scoring_records(load_counterfact(dataset, seed=seed, unique_subjects=unique_subjects))
-        if len(recs) < n:
-            raise ValueError(f"n={n} records asked for, but {dataset!r} has only {len(recs)} in the eval half "
-                             f"that corpus={corpus!r} leaves for scoring; lower the notebook's record count")
-        return recs[:n]
+            recs = load_counterfact(dataset, n=n, seed=seed, unique_subjects=unique_subjects)
+        else:
+            recs = scoring_records(load_counterfact(dataset, seed=seed, unique_subjects=unique_subjects))
+            if len(recs) < n:
+                raise ValueError(f"n={n} records asked for, but {dataset!r} has only {len(recs)} in the eval half "
+                                 f"that corpus={corpus!r} leaves for scoring; lower the notebook's record count")
+            recs = recs[:n]
+        _note_records(dataset, recs)
+        return recs
+
+    def protocol(self, methods: typing.Sequence[str] = ("ROME",)) -> str | None:
+        """The protocol the editors of ``methods`` run under (preset and ``editor_kwargs``
+        applied): its name, ``"mixed"`` when they differ, None when none can be built."""
+        from .editors import make_editor
+
+        found = set()
+        for m in methods:
+            try:
+                ed = make_editor(m, preset=self.preset, **self.editor_kwargs) if self.preset else \
+                    make_editor(m, layers=[0], **self.editor_kwargs)
+            except (KeyError, ValueError, TypeError):
+                continue
+            found.add(ed.protocol if isinstance(ed.protocol, str) else "custom")
+        return found.pop() if len(found) == 1 else ("mixed" if found else None)
+
+    def figure(self, kind: str, *, methods: typing.Sequence[str] | None = None, layers: Any = None,
+               batch_sizes: Any = None, n: int | None = None, model: str | None = None,
+               **extra: Any) -> tuple[str, str]:
+        """``(file stem, caption)`` of a figure of this notebook: the stem carries everything
+        that changes the figure (model, methods, layers, batch sizes, protocol, dataset, n,
+        ``extra``), the caption names model, layer(s), protocol, dataset and n
+        (:func:`editkit.plots.figure_name`, :func:`editkit.plots.caption`)."""
+        from . import plots
+
+        model = model or (self.lm.name if self.lm is not None else "model")
+        protocol = self.protocol(methods) if methods else None  # tracing figures: no editor, no protocol
+        dataset = self.parameters.get("dataset")
+        name = plots.figure_name(kind, model, methods=methods, layers=layers, batch_sizes=batch_sizes,
+                                 protocol=protocol, dataset=dataset, n=n, **extra)
+        return name, plots.caption(model, layers=layers, protocol=protocol, dataset=dataset, n=n)
 
     def __repr__(self) -> str:  # what the setup cell displays
         from ._version import __version__
 
         models = ", ".join(f"{lm.name} ({lm.n_layers} layers, {lm.device})" for lm in self.lms.values())
         return f"{models or 'no model'} | preset {self.preset} | editkit {__version__}"
+
+
+def _note_records(dataset: str, recs: list) -> None:
+    """The records' content hash in the run log (editkit.runlog), for the run's report."""
+    from . import runlog
+
+    if os.environ.get(runlog.ENV):
+        from .experiments import records_digest
+
+        runlog.note("records", dataset=str(dataset), n=len(recs), sha256=records_digest(recs))
+
+
+def _note_model(lm: Any) -> None:
+    """The loaded model's weight fingerprint in the run log, for the run's report."""
+    from . import runlog
+
+    if os.environ.get(runlog.ENV):
+        from .saved import weights_fingerprint
+
+        runlog.note("model", name=lm.name, weights_fingerprint=weights_fingerprint(lm), n_layers=lm.n_layers,
+                    dtype=str(lm.dtype), device=str(lm.device))
 
 
 def setup(ns: dict, *, load: bool = True) -> Setup:
@@ -244,4 +300,6 @@ def setup(ns: dict, *, load: bool = True) -> Setup:
         out.preset = ns.get("preset") or preset_for(out.lm.name)
     for name in ns.get("models") or []:
         out.lms[name] = load_model(name, **kw)
+    for lm in out.lms.values():
+        _note_model(lm)
     return out

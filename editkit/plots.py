@@ -24,10 +24,101 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["summary", "layer_sweep", "batch_sweep", "reg_sweep", "sequential", "sequential_probes",
-           "sequential_methods", "trace_heatmap", "layer_importance", "save", "set_note", "METRIC_NAMES"]
+           "sequential_methods", "trace_heatmap", "layer_importance", "save", "set_note", "METRIC_NAMES",
+           "figure_name", "caption"]
 
 METRIC_NAMES = {"ES": "Efficacy (ES)", "PS": "Paraphrase (PS)", "NS": "Neighborhood (NS)", "S": "Score (S)",
                 "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighborhood magnitude"}
+
+
+def _span(values: Sequence[int] | int | None, prefix: str) -> str:
+    """``[13, 14, 15]`` → ``L13-15``, ``[0, 2, 4]`` → ``L0.2.4``, ``5`` → ``L5``; long irregular lists are
+    summarized as first-last x count (the figure's caption lists them)."""
+    if values is None:
+        return ""
+    vals = sorted({int(v) for v in ([values] if isinstance(values, int) else values)})
+    if len(vals) == 1:
+        return f"{prefix}{vals[0]}"
+    if vals == list(range(vals[0], vals[-1] + 1)) and prefix == "L":
+        return f"{prefix}{vals[0]}-{vals[-1]}"
+    if len(vals) <= 6:
+        return prefix + ("-" if prefix == "b" else ".").join(map(str, vals))
+    return f"{prefix}{vals[0]}-{vals[-1]}x{len(vals)}"
+
+
+def _dataset_name(dataset: str | None) -> str | None:
+    if dataset is None:
+        return None
+    p = Path(str(dataset))
+    return p.stem if p.suffix in (".json", ".jsonl") else str(dataset)
+
+
+def figure_name(kind: str, model: str, *, methods: Sequence[str] | str | None = None,
+                layers: Sequence[int] | int | None = None, batch_sizes: Sequence[int] | int | None = None,
+                protocol: str | None = None, dataset: str | None = None, n: int | None = None,
+                **extra: object) -> str:
+    """The file stem of a figure, carrying everything that changes it, in a fixed order:
+    ``batch_editing_world-gpt2_MEMIT-EMMET_L0_b4-16-64-256_reference_world_n256``.
+
+    Two runs with other settings never write the same file, and a figure's name says
+    what it shows. ``extra`` (``T=256``) is appended as ``T256``."""
+    model = str(model).rstrip("/").split("/")[-1]  # a Hub id or a checkpoint path: its last part
+    parts = [kind, model]
+    if methods:
+        parts.append("-".join([methods] if isinstance(methods, str) else methods))
+    parts += [_span(layers, "L"), _span(batch_sizes, "b"), protocol or "", _dataset_name(dataset) or ""]
+    if n is not None:
+        parts.append(f"n{n}")
+    parts += [f"{k}{v}" for k, v in extra.items() if v is not None]
+    clean = [re.sub(r"[^A-Za-z0-9_.=-]+", "-", kind)] + [re.sub(r"[^A-Za-z0-9.=-]+", "-", str(p)).strip("-")
+                                                         for p in parts[1:] if p not in ("", None)]
+    return "_".join(clean)
+
+
+def caption(model: str, *, layers: Sequence[int] | int | None = None, protocol: str | None = None,
+            dataset: str | None = None, n: int | None = None, methods: Sequence[str] | None = None) -> str:
+    """One line naming what a figure was computed from: model, layer(s), protocol, dataset and
+    number of facts (``world-gpt2 · layer 0 · protocol reference · world · n = 256 facts``)."""
+    parts = [str(model)]
+    if methods:
+        parts.append(", ".join(methods))
+    if layers is not None:
+        ls = [layers] if isinstance(layers, int) else list(layers)
+        parts.append(f"layer {ls[0]}" if len(ls) == 1 else f"layers {_span(ls, 'L')[1:].replace('.', ', ')}")
+    if protocol:
+        parts.append(f"protocol {protocol}")
+    if dataset:
+        parts.append(f"dataset {_dataset_name(dataset)}")
+    if n is not None:
+        parts.append(f"n = {n} facts")
+    return " · ".join(parts)
+
+
+def _title(fig: plt.Figure, title: str, caption: str | None) -> None:
+    """The figure's title, with ``caption`` (what it was computed from) as a second, smaller line."""
+    fig.suptitle(title if not caption else f"{title}\n{caption}")
+
+
+_UNEDITED = dict(color="0.35", ls=(0, (1, 1.5)), lw=1.3)  # the unedited model's score: a grey dotted line
+
+
+def _baseline(frame: pd.DataFrame, n_boot: int) -> dict[str, float]:
+    """The unedited model's score per metric (percent), from the frame's ``phase == "pre"`` rows."""
+    if "phase" not in frame:
+        return {}
+    pre = frame[frame["phase"] == "pre"]
+    if pre.empty:
+        return {}
+    from .metrics import summarize
+
+    pre = pre.dropna(subset=["kind"]) if "kind" in pre else pre
+    s = summarize(pre, n_boot=10)  # only the value is drawn
+    return {m: 100 * v for m, v in s["value"].items()}
+
+
+def _unedited_line(ax, value: float | None, color=None) -> None:
+    if value is not None and value == value:
+        ax.axhline(value, **{**_UNEDITED, **({"color": color} if color is not None else {})}, label="unedited model")
 
 
 def summary(frame: pd.DataFrame, by: Sequence[str], n_boot: int = 200) -> pd.DataFrame:
@@ -120,11 +211,13 @@ def _band(ax, data: pd.DataFrame, x: str, hue: str | None, colors: dict | None =
 
 
 def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
-                title: str | None = None) -> plt.Figure:
+                title: str | None = None, caption: str | None = None) -> plt.Figure:
     """x = edited layer, y = score; one panel per metric, one line per method; the
-    best layer (highest S) of each method marked; causal-tracing importance (if the
-    frame has ``phase == "trace"`` rows) as a last panel. Panels on a grid (2 × 3 with the
-    legend in the sixth cell), integer layer ticks."""
+    best layer (highest S) of each method marked; the unedited model's score (the
+    frame's ``phase == "pre"`` rows) as a grey dotted line; causal-tracing importance (if
+    the frame has ``phase == "trace"`` rows) as a last panel. Panels on a grid (2 × 3 with
+    the legend in the sixth cell), integer layer ticks. ``caption``: a second title line
+    (:func:`caption`)."""
     post = frame[frame["phase"] == "post"]
     s = summary(post, ["method", "layer"], n_boot)
     trace = frame[frame["phase"] == "trace"] if "phase" in frame else frame.iloc[:0]
@@ -132,8 +225,10 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
     fig, axes, spare = _panels(n)
     best = s[s["metric"] == "S"].sort_values("value").groupby("method").tail(1).set_index("method")["layer"]
     colors = _colors(s["method"])
+    base = _baseline(frame, n_boot)
     for ax, metric in zip(axes, metrics):
         _band(ax, s[s["metric"] == metric], "layer", "method", colors)
+        _unedited_line(ax, base.get(metric))
         for method, layer in best.items():
             ax.axvline(layer, ls="--", lw=0.8, color=colors[method])
         ax.set_title(METRIC_NAMES.get(metric, metric))
@@ -145,7 +240,7 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
     if len(trace):
         _importance(axes[-1], trace)
         handles = handles + axes[-1].get_legend_handles_labels()[0]
-    fig.suptitle(title or "Single edits by layer")
+    _title(fig, title or "Single edits by layer", caption)
     _readable(fig, axes)
     _legend_off_data(fig, axes, spare, title="method (dashed line: best layer)", handles=handles)
     return fig
@@ -157,31 +252,45 @@ def _metric_panels(frame: pd.DataFrame, x: str, panel: str, metrics: Sequence[st
     s = s[s["metric"].isin(metrics)]
     panels = list(s.groupby(["method", panel], sort=False).groups)
     fig, axes, spare = _panels(len(panels), width=4.4, height=3.5)
+    colors = _colors([m for m in metrics if m in set(s["metric"])])
+    base = _baseline(frame, n_boot)
     for ax, (method, value) in zip(axes, panels):
-        _band(ax, s[(s["method"] == method) & (s[panel] == value)], x, "metric")
+        _band(ax, s[(s["method"] == method) & (s[panel] == value)], x, "metric", colors)
+        for metric, color in colors.items():  # each metric's unedited score, dotted, in its colour
+            _unedited_line(ax, base.get(metric), color)
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
     return fig, list(zip(axes, panels)), spare
 
 
+def _metric_handles(axes) -> list:
+    """Legend handles: one per metric line, and one grey dotted line for the unedited model."""
+    from matplotlib.lines import Line2D
+
+    handles = [h for h in axes[0].get_legend_handles_labels()[0] if h.get_label() != "unedited model"]
+    if any(l.get_label() == "unedited model" for ax in axes for l in ax.get_lines()):
+        handles.append(Line2D([], [], **_UNEDITED, label="unedited model (dotted, metric's colour)"))
+    return handles
+
+
 def batch_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
-                title: str | None = None) -> plt.Figure:
+                title: str | None = None, caption: str | None = None) -> plt.Figure:
     """x = batch size (log), y = score; one line per metric, one panel per method
-    (and per λ when the run swept it)."""
+    (and per λ when the run swept it); each metric's unedited score dotted."""
     fig, panels, spare = _metric_panels(frame, "batch_size", "reg", metrics, n_boot)
     for ax, (method, reg) in panels:
         ax.set_xscale("log", base=2)
         ax.set_title(f"{method} (λ={reg:g})")
         ax.set_xlabel("batch size (edits)")
-    fig.suptitle(title or "Batch editing")
+    _title(fig, title or "Batch editing", caption)
     axes = [ax for ax, _ in panels]
     _readable(fig, axes)
-    _legend_off_data(fig, axes, spare)
+    _legend_off_data(fig, axes, spare, handles=_metric_handles(axes))
     return fig
 
 
 def reg_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
-              title: str | None = None) -> plt.Figure:
+              title: str | None = None, caption: str | None = None) -> plt.Figure:
     """x = λ (log), y = score; one line per metric, one panel per method and batch size:
     the preservation–memorization trade-off (bigger λ keeps more of the old model)."""
     fig, panels, spare = _metric_panels(frame, "reg", "batch_size", metrics, n_boot)
@@ -189,16 +298,16 @@ def reg_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "
         ax.set_xscale("log")
         ax.set_title(f"{method}, batch of {bs}")
         ax.set_xlabel("λ_E (equality ridge)" if method == "EMMET" else "λ (mom2_update_weight)")
-    fig.suptitle(title or "Effect of λ")
+    _title(fig, title or "Effect of λ", caption)
     axes = [ax for ax, _ in panels]
     _readable(fig, axes)
-    _legend_off_data(fig, axes, spare)
+    _legend_off_data(fig, axes, spare, handles=_metric_handles(axes))
     return fig
 
 
 def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
                metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
-               title: str | None = None) -> plt.Figure:
+               title: str | None = None, caption: str | None = None) -> plt.Figure:
     """x = edits so far (log), y = score; one line per batch size, one panel per metric.
     ``phase="batch"`` scores each batch right after it; ``"all"`` every fact so far."""
     rows = frame[(frame["phase"] == phase) & (frame["method"] == method)]
@@ -206,22 +315,25 @@ def sequential(frame: pd.DataFrame, method: str, phase: str = "batch",
     fig, axes, spare = _panels(len(metrics))
     sizes = sorted(s["batch_size"].unique())
     colors = dict(zip(sizes, sns.color_palette("viridis", len(sizes))))
+    base = _baseline(frame, n_boot)
     for ax, metric in zip(axes, metrics):
         _band(ax, s[s["metric"] == metric].sort_values("batch_size", kind="stable"), "edits_so_far", "batch_size",
               colors)
+        _unedited_line(ax, base.get(metric))
         ax.set_xscale("log", base=2)
         ax.set_title(METRIC_NAMES.get(metric, metric))
         ax.set_xlabel("edits so far")
         ax.set_ylabel("score (%)")
         ax.set_ylim(-2, 102)
     what = "each batch after it is applied" if phase == "batch" else "all facts edited so far"
-    fig.suptitle(title or f"{method}: sequential-batched editing ({what})")
+    _title(fig, title or f"{method}: sequential-batched editing ({what})", caption)
     _readable(fig, axes)
     _legend_off_data(fig, axes, spare, title="batch size")
     return fig
 
 
-def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None) -> plt.Figure:
+def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None,
+                      caption: str | None = None) -> plt.Figure:
     """Norm of the accumulated update ‖Ŵ − W₀‖ and held-out perplexity vs edits so far."""
     p = frame[(frame["phase"] == "probe") & (frame["method"].isin([method]))]
     base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
@@ -237,7 +349,7 @@ def sequential_probes(frame: pd.DataFrame, method: str, title: str | None = None
         ax.set_xscale("log", base=2)
         ax.set_xlabel("edits so far")
         ax.set_ylabel({"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "held-out perplexity"}[col])
-    fig.suptitle(title or f"{method}: model drift under sequential editing")
+    _title(fig, title or f"{method}: model drift under sequential editing", caption)
     _readable(fig, axes)
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
     _legend_off_data(fig, axes, spare, title="batch size", handles=list(handles.values()))
@@ -248,79 +360,84 @@ _PROBE_NAMES = {"update_norm": "‖Ŵ − W₀‖ (Frobenius)", "perplexity": "h
                 "weight_norm": "‖Ŵ‖ (Frobenius)", "batch_delta_norm": "‖Δ‖ of the batch"}
 
 
-def sequential_methods(frame: pd.DataFrame, phase: str = "all", metrics: Sequence[str] = ("ES", "PS", "NS", "S"),
+def sequential_methods(frame: pd.DataFrame, batch_size: int | None = None, phase: str = "all",
+                       metrics: Sequence[str] = ("ES", "PS", "NS", "S"),
                        probes: Sequence[str] = ("update_norm", "perplexity"), n_boot: int = 200,
-                       title: str | None = None) -> plt.Figure:
-    """Methods side by side under sequential editing: one row per batch size, one
-    column per metric (scores of ``phase``: ``"all"`` = every fact edited so far,
+                       title: str | None = None, caption: str | None = None) -> plt.Figure:
+    """Methods side by side under sequential editing in batches of ``batch_size``: one
+    panel per metric (scores of ``phase``: ``"all"`` = every fact edited so far,
     ``"batch"`` = each batch right after it) and per probe (update norm, held-out
-    perplexity); x = edits so far, one line per method.
+    perplexity), on a grid; x = edits so far, one line per method; the unedited model
+    grey and dotted. One figure per batch size (all of them in one figure made 12 panels
+    too small to read); ``batch_size`` may be omitted when the frame has only one.
 
     A method that was run at a single batch size while others were run at several
-    is drawn in every row, dashed, and named "(one at a time)": r-ROME and ROME
-    apply the facts of a batch one after another, so their sequence of weights
-    does not depend on the batch size and one run serves every row.
+    is drawn dashed and named "(one at a time)": r-ROME and ROME apply the facts of a
+    batch one after another, so their sequence of weights does not depend on the batch
+    size and one run serves every batch size.
     """
     rows = frame[frame["method"] != "none"]
     sizes_by_method = rows.groupby("method")["batch_size"].unique()
     sizes = sorted({int(b) for bs in sizes_by_method for b in bs})
+    if batch_size is None:
+        if len(sizes) > 1:
+            raise ValueError(f"batch_size: the frame has batch sizes {sizes}; draw one figure per batch size")
+        batch_size = sizes[0]
+    if batch_size not in sizes:
+        raise ValueError(f"batch_size={batch_size}: the frame has batch sizes {sizes}")
     methods = list(dict.fromkeys(rows["method"]))
     shared = {m for m, bs in sizes_by_method.items() if len(bs) == 1 and len(sizes) > 1}
+    methods = [m for m in methods if m in shared or batch_size in sizes_by_method[m]]
     colors = _colors(methods)
     s = summary(rows[rows["phase"] == phase], ["method", "batch_size", "edits_so_far"], n_boot)
     s = s[s["metric"].isin(metrics)]
     p = rows[rows["phase"] == "probe"]
-    base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
+    base_probe = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
+    base = _baseline(frame, n_boot)
     probes = [c for c in probes if c in p and p[c].notna().any()]
     cols = list(metrics) + probes
-    fig, axes = plt.subplots(len(sizes), len(cols), figsize=(3.3 * len(cols), 2.9 * len(sizes)), squeeze=False,
-                             sharex=True)
-    for r, bs in enumerate(sizes):
-        for c, col in enumerate(cols):
-            ax = axes[r][c]
-            for i, m in enumerate(methods):
-                own = m not in shared
-                if own and bs not in sizes_by_method[m]:
-                    continue
-                sel = (lambda d: d[d["method"] == m]) if not own else (lambda d: d[(d["method"] == m)
-                                                                               & (d["batch_size"] == bs)])
-                style = dict(color=colors[m], marker=_MARKERS[i % 5], ms=3.5, ls=":" if not own else "-",
-                             label=f"{m} (one at a time)" if not own else m)
-                if col in metrics:
-                    g = sel(s[s["metric"] == col]).sort_values("edits_so_far")
-                    ax.plot(g["edits_so_far"], g["value"], **style)
-                    ax.fill_between(g["edits_so_far"], g["ci_low"], g["ci_high"], alpha=0.15, color=colors[m],
-                                    linewidth=0)
-                else:
-                    g = sel(p).sort_values("edits_so_far")
-                    ax.plot(g["edits_so_far"], g[col], **style)
+    fig, axes, spare = _panels(len(cols), width=4.2, height=3.4)
+    for ax, col in zip(axes, cols):
+        for i, m in enumerate(methods):
+            own = m not in shared
+
+            def sel(d: pd.DataFrame) -> pd.DataFrame:
+                return d[(d["method"] == m) & (d["batch_size"] == batch_size)] if own else d[d["method"] == m]
+
+            style = dict(color=colors[m], marker=_MARKERS[i % 5], ms=3.5, ls="-" if own else "--",
+                         label=m if own else f"{m} (one at a time)")
             if col in metrics:
-                ax.set_ylim(-2, 102)
-                ax.set_ylabel(f"{METRIC_NAMES.get(col, col)} (%)" if c == 0 else "score (%)")
+                g = sel(s[s["metric"] == col]).sort_values("edits_so_far")
+                ax.plot(g["edits_so_far"], g["value"], **style)
+                ax.fill_between(g["edits_so_far"], g["ci_low"], g["ci_high"], alpha=0.15, color=colors[m],
+                                linewidth=0)
             else:
-                if col == "perplexity" and len(base) and "perplexity" in base:
-                    ax.axhline(base["perplexity"].iloc[0], ls=":", color="grey", lw=1, label="unedited")
-                    ax.set_yscale("log")
-                ax.set_ylabel(_PROBE_NAMES.get(col, col))
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{METRIC_NAMES.get(col, _PROBE_NAMES.get(col, col))}, batches of {bs}", fontsize=9)
-            if r == len(sizes) - 1:
-                ax.set_xlabel("edits so far")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    for ax in axes[0]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, 1.0),
-               frameon=False)
+                g = sel(p).sort_values("edits_so_far")
+                ax.plot(g["edits_so_far"], g[col], **style)
+        if col in metrics:
+            _unedited_line(ax, base.get(col))
+            ax.set_ylim(-2, 102)
+            ax.set_ylabel("score (%)")
+        else:
+            if col == "perplexity" and len(base_probe) and "perplexity" in base_probe:
+                ax.axhline(base_probe["perplexity"].iloc[0], **_UNEDITED, label="unedited model")
+                ax.set_yscale("log")
+            ax.set_ylabel(_PROBE_NAMES.get(col, col))
+        ax.set_xscale("log", base=2)
+        ax.set_title(METRIC_NAMES.get(col, _PROBE_NAMES.get(col, col)))
+        ax.set_xlabel("edits so far")
+    handles: dict = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
     what = "all facts edited so far" if phase == "all" else "each batch right after it"
-    fig.suptitle(title or f"Does null-space projection change the answer? Scores of {what}", y=1.04)
-    fig.tight_layout()
+    _title(fig, title or f"Sequential editing in batches of {batch_size}: scores of {what}", caption)
+    _readable(fig, axes)
+    _legend_off_data(fig, axes, spare, title="method", handles=list(handles.values()))
     return fig
 
 
-def trace_heatmap(frame: pd.DataFrame, title: str | None = None) -> plt.Figure:
+def trace_heatmap(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> plt.Figure:
     """The ROME-paper picture: P(true object) after restoring one (token, layer) site
     of a run with a corrupted subject; ``frame`` from :func:`editkit.tracing.causal_trace`."""
     grid = frame.pivot_table(index="token_index", columns="layer", values="score")
@@ -334,8 +451,8 @@ def trace_heatmap(frame: pd.DataFrame, title: str | None = None) -> plt.Figure:
     ax.set_ylabel("token (* = subject)")
     a = frame.attrs
     ax.set_title(title or f"{a.get('prompt', '')} → {a.get('target', '')}\n"
-                          f"clean {a.get('clean', float('nan')):.2f}, corrupted {a.get('corrupted', float('nan')):.2f}",
-                 fontsize=9)
+                          f"clean {a.get('clean', float('nan')):.2f}, corrupted {a.get('corrupted', float('nan')):.2f}"
+                          + (f"\n{caption}" if caption else ""), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -354,12 +471,14 @@ def _importance(ax, frame: pd.DataFrame) -> None:
     _integer_ticks(ax)
 
 
-def layer_importance(frame: pd.DataFrame, title: str | None = None) -> plt.Figure:
+def layer_importance(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> plt.Figure:
     """Average indirect effect per layer at the subject's last token and at the last
     token; ``frame`` from :func:`editkit.tracing.layer_importance`."""
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     _importance(ax, frame)
     ax.set_title(title or "Where is the fact? (causal tracing)")
+    if caption:
+        fig.suptitle(caption, fontsize=_LABEL - 1)
     _readable(fig, [ax])
     _legend_off_data(fig, [ax])
     return fig
@@ -375,9 +494,16 @@ def set_note(note: str | None) -> None:
     _NOTE = note
 
 
+#: PDF metadata without a creation date: the same figure gives the same bytes on every run, so
+#: re-running ``make figures`` changes no committed file unless a figure changed.
+_PDF_METADATA = {"CreationDate": None, "ModDate": None, "Creator": "editkit", "Producer": "matplotlib"}
+
+
 def save(fig: plt.Figure, name: str, outdir: str | os.PathLike = "figures") -> list[Path]:
     """Save ``fig`` as ``<outdir>/<name>.png`` and ``.pdf`` (with the :func:`set_note`
-    stamp, if any); returns both paths."""
+    stamp, if any); returns both paths. Both files depend only on the figure: no dates,
+    no matplotlib version in the PDF, a fixed hash salt (saving the same figure twice gives
+    identical bytes). Name figures with :func:`figure_name`."""
     if _NOTE and not getattr(fig, "_editkit_note", False):
         fig.text(0.5, 0.0, _NOTE, ha="center", va="top", color="crimson", fontsize=10, fontweight="bold")
         fig._editkit_note = True
@@ -385,6 +511,7 @@ def save(fig: plt.Figure, name: str, outdir: str | os.PathLike = "figures") -> l
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    with matplotlib.rc_context({"svg.hashsalt": "editkit", "pdf.compression": 6}):
+        fig.savefig(paths[0], dpi=150, bbox_inches="tight", metadata={"Software": "editkit/matplotlib"})
+        fig.savefig(paths[1], bbox_inches="tight", metadata=_PDF_METADATA)
     return paths
