@@ -38,8 +38,15 @@ def test_notebooks_run_and_write_figures(executed):
     assert failed == []
     names = {p.name for p in figures.glob("*.png")}
     for prefix in ("world_trace_example", "world_trace_layers", "layer_sweep_", "batch_editing_",
-                   "sequential_batch_MEMIT", "sequential_all_EMMET", "sequential_drift_MEMIT", "sequential_methods_"):
+                   "sequential_batch_", "sequential_all_", "sequential_drift_", "sequential_methods_"):
         assert any(n.startswith(prefix) for n in names), (prefix, sorted(names))
+    # names carry what changes the figure: the methods, and one comparison figure per batch size
+    for kind in ("sequential_batch", "sequential_all", "sequential_drift"):
+        for method in ("MEMIT", "EMMET"):
+            assert any(n.startswith(f"{kind}_world-gpt2-mini_{method}_L0_") for n in names), (kind, method)
+    q = cli.QUICK["sequential_batched.ipynb"]
+    compared = [n for n in names if n.startswith("sequential_methods_")]
+    assert len(compared) == len(q["compare_batch_sizes"]) and all("_reference_world-small_n4" in n for n in compared)
     for png in figures.glob("*.png"):
         assert png.with_suffix(".pdf").exists() and png.stat().st_size > 5000
 
