@@ -109,11 +109,8 @@ def _baseline(frame: pd.DataFrame, n_boot: int) -> dict[str, float]:
     pre = frame[frame["phase"] == "pre"]
     if pre.empty:
         return {}
-    from .metrics import summarize
-
-    pre = pre.dropna(subset=["kind"]) if "kind" in pre else pre
-    s = summarize(pre, n_boot=10)  # only the value is drawn
-    return {m: 100 * v for m, v in s["value"].items()}
+    s = summary(pre.assign(_unedited="unedited"), ["_unedited"], n_boot=10)  # only the value is drawn
+    return dict(zip(s["metric"], s["value"]))
 
 
 def _unedited_line(ax, value: float | None, color=None) -> None:

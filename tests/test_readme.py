@@ -92,7 +92,7 @@ def test_make_targets_and_cli_commands_in_the_docs_exist():
     # in inline code (`editkit figures`) or a command line (.venv/bin/editkit run ...), not prose
     commands = set(re.findall(r"`(?:\.venv/bin/)?editkit ([a-z]+)", text))
     commands |= set(re.findall(r"^\.venv/bin/editkit ([a-z]+)", text, re.M))
-    assert commands and commands <= {"figures", "run", "world", "methods"}, commands
+    assert commands and commands <= {"figures", "run", "world", "methods", "report"}, commands
     for cmd in commands:
         with pytest.raises(SystemExit) as exc:
             cli.main([cmd, "--help"])

@@ -288,3 +288,26 @@ def test_results_line_figure_of_one_edit_goes_from_before_to_after():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["before", "after"]
     line = next(l for l in ax.get_lines() if len(l.get_xdata()) == 2)
     assert list(line.get_xdata()) == [0, 1] and list(line.get_ydata()) == [0.0, 100.0]
+
+
+def test_generation_prompts_of_a_filled_record_are_continued_before_and_after(lm):
+    """A CounterFact record's generation prompts ("what does the model now say about the subject?")
+    are continued, greedily, before and after the edit; they go with the record's subject."""
+    rec = ek.CounterFactRecord.from_dict({
+        "case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+                                            "target_new": {"str": "French"}, "target_true": {"str": "English"}},
+        "paraphrase_prompts": ["The native language of Danielle Darrieux is"],
+        "neighborhood_prompts": ["The mother tongue of Toko Yasuda is"],
+        "generation_prompts": ["Danielle Darrieux was born in", "Danielle Darrieux plays the"]})
+    ex = EditExplorer(lm, **FAST)
+    ex.fill(rec)
+    assert ex.generation_prompts == rec.generation_prompts
+    applied = ex.on_edit()
+    assert applied is not None, ex.status.value
+    for p in rec.generation_prompts:
+        assert p in ex.continuations.value
+        assert applied.after.continuations[p] == ek.generate(lm, [p], ex.n_tokens)[0]  # the edited model's
+    ex.on_undo()
+    assert all(applied.before.continuations[p] == ek.generate(lm, [p], ex.n_tokens)[0] for p in rec.generation_prompts)
+    ex.subject.value = "Toko Yasuda"
+    assert ex.generation_prompts == []

@@ -17,7 +17,8 @@ from ..metrics import edit_success
 from ..models import LanguageModel
 from ..requests import EditRequest, RequestError
 from .common import _error_html, _fig_png, _fmt, _table
-from .probes import greedy_continuation, next_token_topk, target_nll
+from ..generation import generate
+from .probes import next_token_topk, target_nll
 
 log = logging.getLogger("editkit.widgets")
 
@@ -115,6 +116,9 @@ class EditExplorer:
         self._listing = False  # True while the list is rebuilt, so selection events are not user clicks
         # (subject, paraphrases, neighborhood) as fill() set them: the extra prompts belong to that fact
         self._filled: tuple[str, str, str] | None = None
+        # a filled CounterFact record's generation prompts ("what does the model now say about the subject?"),
+        # continued before and after each edit beside the edit's own prompts; dropped when the subject changes
+        self.generation_prompts: list[str] = []
 
         def text(desc: str, placeholder: str) -> widgets.Text:
             return widgets.Text(description=desc, placeholder=placeholder, style={"description_width": "110px"},
@@ -285,6 +289,7 @@ class EditExplorer:
         self.target_new.value, self.target_true.value = req.target_new, req.target_true or ""
         self.paraphrases.value = "\n".join(list(get("paraphrase_prompts", ()) or ())[:n_prompts])
         self.neighborhood.value = "\n".join(list(get("neighborhood_prompts", ()) or ())[:n_prompts])
+        self.generation_prompts = [str(p) for p in list(get("generation_prompts", ()) or ())[:n_prompts]]
         self._filled = (self.subject.value, self.paraphrases.value, self.neighborhood.value)
 
     def _on_subject(self, change: dict) -> None:
@@ -293,6 +298,7 @@ class EditExplorer:
         prompts), so they are cleared, unless the user has edited them since."""
         if self._filled is None or change["new"] == self._filled[0]:
             return
+        self.generation_prompts = []  # about the previous subject
         _, para, neigh = self._filled
         self._filled = None
         if self.paraphrases.value == para and self.neighborhood.value == neigh and (para or neigh):
@@ -302,9 +308,11 @@ class EditExplorer:
 
     # ---- measurements -----------------------------------------------------
     def measure(self, request: EditRequest, paraphrases: Sequence[str], neighborhood: Sequence[str]) -> Snapshot:
-        """Top-k, greedy continuations, target NLLs and ES/PS/NS of ``request`` on the model as it is now."""
-        prompts = [request.text, *paraphrases, *neighborhood]
-        conts = {p: greedy_continuation(self.lm, p, self.n_tokens) for p in dict.fromkeys(prompts)}
+        """Top-k, greedy continuations (of the edit's prompts and a filled record's generation prompts,
+        one batched :func:`editkit.generate` call), target NLLs and ES/PS/NS of ``request`` on the model
+        as it is now."""
+        prompts = list(dict.fromkeys([request.text, *paraphrases, *neighborhood, *self.generation_prompts]))
+        conts = dict(zip(prompts, generate(self.lm, prompts, self.n_tokens)))
         kinds = {"rewrite": [request.text], "paraphrase": list(paraphrases), "neighborhood": list(neighborhood)}
         targets = {"new": request.target_new, **({"true": request.target_true} if request.target_true else {})}
         nll = {kind: {t: target_nll(self.lm, ps, s) for t, s in targets.items()} for kind, ps in kinds.items()}
