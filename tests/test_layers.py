@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "editkit"
 
 #: Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("editkit._version", "editkit.paths", "editkit.hub", "editkit.registry"),
+    "base": ("editkit._version", "editkit.paths", "editkit.hub", "editkit.registry", "editkit.runlog"),
     "data": ("editkit.requests", "editkit.data", "editkit.corpora"),
     "models": ("editkit.models", "editkit.zoo", "editkit.generation"),
     "math": ("editkit.hooks", "editkit.protocols", "editkit.solver", "editkit.stats", "editkit.keys",
@@ -31,7 +31,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "world": ("editkit.world",),
     "editors": ("editkit.editors", "editkit.saved", "editkit.hparams"),
     "studies": ("editkit.runstore", "editkit.cluster", "editkit.studies", "editkit.experiments"),
-    "views": ("editkit.plots", "editkit.widgets", "editkit.notebook", "editkit.cli", "editkit.testing"),
+    "views": ("editkit.plots", "editkit.widgets", "editkit.notebook", "editkit.cli", "editkit.testing",
+              "editkit.report"),
     "api": ("editkit", "editkit.registrations"),
 }
 ORDER = list(LAYERS)
