@@ -43,19 +43,17 @@ __all__ = [
     "load_counterfact", "load_zsre", "CounterFactRecord", "ZsreRecord", "DatasetUnavailableError",
     "evaluate", "summarize", "heldout_texts",
 ]
-# Submodules are reached as ek.<name>: ek.studies (ek.experiments, its first name), ek.runstore, ek.plots,
-# ek.widgets, ek.tracing, ek.world, ek.metrics, ek.data, ek.cluster, ek.paths, ek.keys (the module; its
-# function is ek.compute_keys).
-
-# Submodules users reach as ek.experiments, ek.plots, ek.widgets (imported lazily: plots and
-# widgets pull in matplotlib/ipywidgets, which a headless editing job does not need).
-_LAZY = {"experiments", "studies", "runstore", "plots", "widgets", "tracing", "world", "metrics", "data", "cluster", "paths", "notebook"}
+# Every submodule is reached as ek.<name>: ek.studies (ek.experiments, its first name), ek.runstore, ek.plots,
+# ek.widgets, ek.tracing, ek.world, ek.metrics, ek.corpora, ek.data, ek.cluster, ek.paths, ek.keys (the module;
+# its function is ek.compute_keys)... Those not imported above are imported on first use: plots and widgets
+# pull in matplotlib/ipywidgets, which a headless editing job does not need.
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
+    import importlib.util
 
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f".{name}", __name__)
     if name == "heldout_texts":
         from .studies import heldout_texts

@@ -125,6 +125,9 @@ def run_notebooks(names: list[str], notebooks: Path, figures: Path, runs: Path, 
 
     _quiet_kernel_warnings()
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the kernel's frozen-modules debugger note
+    # the kernels' progress bars as text: a widget bar is saved as its first frame, a frozen "0%"
+    if not os.environ.get("EDITKIT_PROGRESS"):
+        os.environ["EDITKIT_PROGRESS"] = "text"
     root = repo_root()
     if (root / "editkit" / "__init__.py").exists():  # the kernel imports this checkout's editkit, as the CLI does
         os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
-from tqdm.auto import tqdm
-
 from .editors import summarized_edit_warnings
 from .models import LanguageModel, ModelSpec
+from .progress import tqdm
 from .runstore import RunStore, UnitClaimed
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .models import LanguageModel, in_eval_mode
+from .progress import tqdm
 
 __all__ = ["generate", "before_after"]
 

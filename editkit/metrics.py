@@ -29,10 +29,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .generation import generate  # the one generation loop (left-padded batches, seeded)
 from .models import LanguageModel, in_eval_mode
+from .progress import tqdm
 from .requests import EditRequest, RequestError, tokenize_spans, with_target
 
 log = logging.getLogger(__name__)

@@ -160,7 +160,7 @@ class ModelSpec:
         return load_model(self.source, device=device or self.device, dtype=self.dtype, **kw)
 
 
-@dataclass
+@dataclass(repr=False)
 class LanguageModel:
     """A causal LM, its fast tokenizer and its adapter.
 
@@ -191,6 +191,14 @@ class LanguageModel:
         # Resolve every template once so a wrong override fails here, not mid-edit.
         self.module(self.adapter.edited(0))
         self.module(self.adapter.final_norm)
+
+    def __repr__(self) -> str:
+        """One line (the torch module's own repr is one line per submodule: ``print(lm.model)``)."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+        edits = f", {len(self.edits)} edit(s) applied" if self.edits else ""
+        return (f"LanguageModel({self.name!r}: {type(self.model).__name__}, {self.n_layers} layers, d_in "
+                f"{self.d_in(0)}, {size} parameters, {str(self.dtype).removeprefix('torch.')} on {self.device}{edits})")
 
     @property
     def edits(self) -> list:

@@ -128,6 +128,38 @@ def _wrong(name: str, value: Any, tp: Any) -> str:
     return f"parameter {name}={value!r} must be {_type_name(tp)}{hint}"
 
 
+#: Notebook parameters that name editing methods (a name or a list of names).
+METHOD_PARAMETERS = ("method", "methods", "compare_methods", "one_at_a_time")
+
+
+def check_editing_parameters(ns: dict) -> None:
+    """The method names, the preset and ``editor_kwargs`` checked against the editors, so a
+    typo fails before the model is loaded (minutes on a real model), naming the parameter."""
+    from .editors import METHODS, available_presets
+
+    used: list[str] = []
+    for key in METHOD_PARAMETERS:
+        names = ns.get(key)
+        if names is None:
+            continue
+        names = [names] if isinstance(names, str) else list(names)
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            raise ParameterError(f"parameter {key}={names!r}: unknown method(s) {bad}; choose from {sorted(METHODS)}")
+        used += names
+    preset = ns.get("preset")
+    if preset is not None and preset not in available_presets() and not (
+            str(preset).endswith(".json") and Path(preset).expanduser().is_file()):
+        raise ParameterError(f"parameter preset={preset!r}: no such preset; choose from {available_presets()} "
+                             "or pass the path of a preset JSON file")
+    kwargs = dict(ns.get("editor_kwargs") or {})
+    for m in dict.fromkeys(used):
+        try:
+            METHODS[m].params(kwargs)
+        except TypeError as exc:
+            raise ParameterError(f"parameter editor_kwargs={kwargs!r}: {exc}") from None
+
+
 def check_parameters(ns: dict) -> dict:
     """Check (and normalize in place) every annotated parameter in the namespace ``ns``
     (a notebook's ``globals()``) against its annotation; returns the parameters."""
@@ -264,7 +296,8 @@ def setup(ns: dict, *, load: bool = True) -> Setup:
     """Set up a notebook from its parameters (its ``globals()``, changed in place):
 
     1. check every annotated parameter (:func:`check_parameters`), so a wrong type fails
-       here naming the parameter, not three cells later;
+       here naming the parameter, not three cells later, and the method names, preset and
+       ``editor_kwargs`` (:func:`check_editing_parameters`), before the model is loaded;
     2. resolve ``figures_dir`` / ``runs_dir`` relative to the repository (:func:`resolve_dir`);
     3. log to plain output at ``log_level`` (default WARNING);
     4. with ``quick`` set, stamp every saved figure as a smoke test (:data:`SMOKE_TEST_NOTE`);
@@ -273,6 +306,7 @@ def setup(ns: dict, *, load: bool = True) -> Setup:
        ``editor_kwargs``).
     """
     params = check_parameters(ns)
+    check_editing_parameters(ns)  # before any model is loaded
     configure_logging(ns.get("log_level") or "WARNING")
     for key in ("figures_dir", "runs_dir"):
         if ns.get(key) is not None:

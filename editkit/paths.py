@@ -4,13 +4,15 @@ in one place so every module agrees.
 ``EDITKIT_CACHE`` (default ``~/.cache/editkit``; ``~`` expanded) holds the world models
 (``world/``), downloaded datasets (``data/``) and C0 statistics (``stats/``).
 ``HF_HUB_OFFLINE`` (any value but ``0``/``false``/empty) means: never touch the Hub.
+``EDITKIT_DATA`` names a local CounterFact file that stands in for the official download
+wherever ``"counterfact"`` is named (:func:`local_counterfact`).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-__all__ = ["cache_root", "cache_dir", "hub_offline"]
+__all__ = ["cache_root", "cache_dir", "hub_offline", "local_counterfact"]
 
 
 def cache_root() -> Path:
@@ -35,3 +37,19 @@ def cache_dir(kind: str, create: bool = True) -> Path:
 def hub_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` asks for no network access (as huggingface_hub reads it)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def local_counterfact() -> Path | None:
+    """``$EDITKIT_DATA``: a local CounterFact file (any layout ``ek.load_counterfact`` reads:
+    the official JSON, multi-counterfact, EasyEdit's) used wherever ``"counterfact"`` is named:
+    ``load_counterfact("counterfact")``, ``corpus="counterfact-text"`` (the real-model presets'
+    C0), the notebooks' ``dataset="counterfact"`` and their commands. Set it once instead of
+    writing the path into every call; None when unset."""
+    value = os.environ.get("EDITKIT_DATA", "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"EDITKIT_DATA={value!r} is not a file: set it to a local CounterFact JSON file "
+                                "(e.g. counterfact.json), or unset it to download the official one")
+    return path.resolve()

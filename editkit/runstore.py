@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ._version import __version__
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .data.corpus import CorpusUnavailableError, corpus_name, iter_corpus, materialize_corpus
 from .hooks import capture_input, stop_after
 from .models import LanguageModel, in_eval_mode
 from .paths import cache_dir
+from .progress import tqdm
 
 log = logging.getLogger(__name__)
 

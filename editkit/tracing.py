@@ -205,7 +205,7 @@ def layer_importance(lm: LanguageModel, records: Sequence[Any], kind: str = "mlp
     ``per_record=True`` the unaggregated rows.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     modules = trace_sites(lm, kind)
     rows_out = []

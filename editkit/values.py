@@ -470,7 +470,7 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
     Requests that reach ``stop_nll`` are frozen; once half of the batch is frozen it
     is re-padded with the active requests only, so a large edit costs what its
     slowest requests need rather than ``E × v_steps`` rows."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     cfg = cfg or ValueConfig()
     E = len(requests)

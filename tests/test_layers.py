@@ -23,7 +23,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "editkit"
 
 #: Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("editkit._version", "editkit.paths", "editkit.hub", "editkit.registry", "editkit.runlog"),
+    "base": ("editkit._version", "editkit.paths", "editkit.hub", "editkit.registry", "editkit.runlog",
+             "editkit.progress"),
     "data": ("editkit.requests", "editkit.data", "editkit.corpora"),
     "models": ("editkit.models", "editkit.zoo", "editkit.generation"),
     "math": ("editkit.hooks", "editkit.protocols", "editkit.solver", "editkit.stats", "editkit.keys",

@@ -51,6 +51,23 @@ def test_notebooks_run_and_write_figures(executed):
         assert png.with_suffix(".pdf").exists() and png.stat().st_size > 5000
 
 
+def test_executed_copies_hold_no_frozen_progress_bar(executed):
+    """A widget progress bar is saved as the text of its first frame, so an executed copy
+    showed "0%" forever; the runner's kernels write their bars as text (their last frame)."""
+    import json
+
+    _, runs, _ = executed
+    for name in cli.NOTEBOOKS:
+        cells = json.loads((runs / "notebooks" / name).read_text())["cells"]
+        outputs = [o for c in cells for o in c.get("outputs", [])]
+        widgets = [o["data"].get("text/plain") for o in outputs
+                   if "application/vnd.jupyter.widget-view+json" in o.get("data", {}) and "|" in str(o["data"])]
+        assert not widgets, f"{name}: widget progress bars saved as {widgets[:2]}"
+        if name == "quickstart.ipynb":  # its C0 and scoring bars, as text that ends at 100%
+            text = "".join("".join(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+            assert "scoring: 100%" in text
+
+
 def test_notebook_runs_hold_the_expected_rows(executed):
     _, runs, _ = executed
     q = cli.QUICK

