@@ -37,9 +37,9 @@ QUICK = {
     "quickstart.ipynb": dict(_MINI, n_records=4),
     # the mini models have 2 layers: edit layer 0 (editing the last layer is warned against)
     "layer_sweep.ipynb": dict(_MINI, methods=["ROME", "MEMIT"], n_edits=2, layers=[0], trace=True),
-    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layer=0, reg_batch_size=4,
+    "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layers=[0], reg_batch_size=4,
                                 regs={"MEMIT": [10.0, 100.0], "EMMET": [0.1, 1.0]}),
-    "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layer=0, compare_batch_sizes=[2],
+    "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layers=[0], compare_batch_sizes=[2],
                                      compare_methods=["MEMIT", "AlphaEdit"], one_at_a_time=["r-ROME"],
                                      checkpoint_every=2),
     "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:small"),

@@ -107,6 +107,8 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
     if base in (list, tuple, typing.Sequence):
         if isinstance(value, range):
             value = list(value)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # -p layers 8 is layers [8]
         if not isinstance(value, (list, tuple)):
             raise ParameterError(_wrong(name, value, tp))
         inner = args[0] if args else Any
@@ -211,6 +213,20 @@ class Setup:
             except (KeyError, ValueError):
                 return None
         return None
+
+    def layers(self, method: str = "MEMIT") -> list[int]:
+        """The layers the preset (or ``editor_kwargs``) edits with ``method``; without either,
+        a :class:`ParameterError` asking for ``layers`` (no study edits a layer nobody chose)."""
+        from .editors import make_editor
+
+        kw = dict(self.editor_kwargs)
+        try:
+            return list(make_editor(method, kw.pop("layers", None), self.preset, **kw).layers)
+        except ValueError as exc:
+            if self.preset is not None or "layers" in self.editor_kwargs:
+                raise
+            raise ParameterError(f"layers: no preset names the layers to edit for this model; pass them, "
+                                 f"e.g. -p layers 8 (or -p layers '[4, 5, 6]'), or a preset ({exc})") from None
 
     def records(self, dataset: str, n: int, seed: int = 0, *, unique_subjects: bool = True,
                 method: str = "ROME") -> list:

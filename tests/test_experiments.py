@@ -345,3 +345,35 @@ def test_batch_sweep_measures_heldout_perplexity_of_the_first_batches(lm, record
     plain = experiments.batch_sweep(lm, records[:4], ["MEMIT"], 0, [4], editor_kwargs=FAST, root=tmp_path / "p",
                                     progress=False)
     assert "perplexity" not in plain.columns
+
+
+def test_batch_and_sequential_studies_need_a_layer_or_a_preset(lm, records, tmp_path):
+    """They used to edit layer 1 when given neither (a default nobody chose)."""
+    for study, args in ((experiments.batch_sweep, ([2],)), (experiments.sequential_batched, ([2], 4))):
+        with pytest.raises(ValueError, match="layer: .* needs the layer\\(s\\) to edit"):
+            study(lm, records, ["MEMIT"], None, *args, editor_kwargs=FAST, root=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="layer=\\[1, 7\\]: .* out of range"):
+        experiments.batch_sweep(lm, records, ["MEMIT"], [1, 7], [2], editor_kwargs=FAST, root=tmp_path)
+
+
+def test_batch_and_sequential_studies_edit_several_layers_as_memit_does(lm, records, tmp_path):
+    """layer=[1, 2]: each edit spreads over both layers; norms are over both, and the model
+    comes back exactly."""
+    before = {l: lm.edit_module(l).weight.clone() for l in (1, 2)}
+    frame = experiments.batch_sweep(lm, records, ["MEMIT"], [1, 2], [2], n_facts=2, editor_kwargs=FAST,
+                                    root=tmp_path, progress=False)
+    editor = experiments.make_editor("MEMIT", [1, 2], **FAST)
+    with editor.applied(lm, records[:2], progress=False) as edit:
+        both = (edit.norms[1]["delta_norm"] ** 2 + edit.norms[2]["delta_norm"] ** 2) ** 0.5
+    assert sorted(edit.deltas) == [1, 2] and edit.norms[1]["delta_norm"] > 0 and edit.norms[2]["delta_norm"] > 0
+    assert frame[frame.phase == "post"].delta_norm.unique() == pytest.approx([both], rel=1e-6)
+    seq = experiments.sequential_batched(lm, records, ["MEMIT"], [1, 2], [2], 4, editor_kwargs=FAST,
+                                         root=tmp_path, progress=False)
+    probe = seq[(seq.phase == "probe") & (seq.method == "MEMIT")].sort_values("edits_so_far")
+    assert (probe.update_norm > 0).all() and probe.update_norm.iloc[0] == pytest.approx(
+        probe.batch_delta_norm.iloc[0], rel=1e-6)  # after the first batch the update is that batch's
+    for l, w in before.items():
+        assert torch.equal(lm.edit_module(l).weight, w)
+    again = experiments.sequential_batched(lm, records, ["MEMIT"], [1, 2], [2], 4, editor_kwargs=FAST,
+                                           root=tmp_path, progress=False)  # resumed from the store: the same rows
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), seq.reset_index(drop=True))

@@ -203,3 +203,18 @@ def test_zoo_lets_pip_decide_what_it_can_reach(tmp_path, monkeypatch):
     assert cmd[1:4] == ["-m", "pip", "download"] and "--retries" in cmd and cmd[cmd.index("--retries") + 1] == "0"
     assert int(cmd[cmd.index("--timeout") + 1]) <= 15
     assert not any(a.startswith(("--index-url", "-i", "--extra-index-url", "--find-links")) for a in cmd)
+
+
+def test_notebook_layers_take_one_or_several_and_need_a_preset_or_a_value():
+    from typing import Optional
+
+    from editkit import notebook
+
+    ns = {"__annotations__": {"layers": Optional[list[int]]}, "layers": "8"}
+    assert notebook.check_parameters(ns)["layers"] == [8]  # -p layers 8
+    ns["layers"] = "[4, 5, 6]"
+    assert notebook.check_parameters(ns)["layers"] == [4, 5, 6]
+    assert notebook.Setup(preset="world-gpt2").layers("MEMIT") == [0]
+    with pytest.raises(notebook.ParameterError, match="layers: no preset names the layers"):
+        notebook.Setup(preset=None).layers("MEMIT")
+    assert notebook.Setup(preset=None, editor_kwargs={"layers": [2, 3]}).layers("MEMIT") == [2, 3]

@@ -3,6 +3,7 @@ scoring a unit (:func:`_evaluate`, the one place rows are computed), held-out te
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Iterator, Sequence
 import pandas as pd
 import torch
 
-from ..editors import Editor
+from ..editors import Editor, make_editor
 from ..models import LanguageModel, in_eval_mode
 from ..paths import local_counterfact
 from ..runstore import records_digest
@@ -57,13 +58,43 @@ def _with_converged(frame: pd.DataFrame, records: Sequence[Any], edit: Any) -> p
     return frame
 
 
-def _check_layers(lm: LanguageModel, layers: Sequence[int], what: str = "layers") -> None:
+def _check_layers(lm: LanguageModel, layers: Sequence[int], what: str = "layers", shown: Any = None) -> None:
     """Refuse layers the model does not have before any work starts (a sweep over
     ``range(8)`` on a 4-layer model would otherwise fail minutes in, at layer 4)."""
     bad = [l for l in layers if not isinstance(l, numbers.Integral) or isinstance(l, bool) or not 0 <= l < lm.n_layers]
     if bad:
-        raise ValueError(f"{what}={list(layers) if what == 'layers' else layers[0]!r}: {lm.name} has {lm.n_layers} layers "
+        shown = shown if shown is not None else list(layers) if what == "layers" else layers[0]
+        raise ValueError(f"{what}={shown!r}: {lm.name} has {lm.n_layers} layers "
                          f"(0..{lm.n_layers - 1}); {bad} out of range. Pass e.g. layers=range({lm.n_layers}).")
+
+
+def _study_editors(lm: LanguageModel, methods: Sequence[Any], layer: Any, preset: str | None, kw: dict,
+                   study: str) -> dict[str, Editor]:
+    """Each method's editor for a study at ``layer`` (one layer, or several as MEMIT spreads an
+    edit), else at the layers the preset or ``editor_kwargs`` name. There is no default layer: a
+    study without either would edit a layer nobody chose."""
+    kw = dict(kw)
+    if "layers" in kw:  # editor_kwargs may name them too
+        if layer is not None:
+            raise ValueError(f"layer={layer!r} and editor_kwargs['layers'] both name the layers to edit; give one")
+        layer = kw.pop("layers")
+    if layer is None and preset is None and "layer" not in kw:
+        raise ValueError(f"layer: {study} needs the layer(s) to edit: pass layer=8 (or several, layer=[4, 5, 6]), "
+                         "or a preset that names them (preset='world-gpt2')")
+    if layer is not None:
+        layers = [layer] if isinstance(layer, numbers.Integral) else list(layer)
+        if not layers:
+            raise ValueError(f"layer={layer!r}: give a layer number or a non-empty list of them")
+        _check_layers(lm, layers, "layer", shown=layer if isinstance(layer, numbers.Integral) else layers)
+    editors = {_method_name(m): make_editor(m, layer if layer is None or isinstance(layer, numbers.Integral)
+                                            else list(layer), preset, **kw) for m in methods}
+    _check_layers(lm, sorted({l for e in editors.values() for l in e.layers}))
+    return editors
+
+
+def _total_norm(norms: Sequence[float]) -> float:
+    """The norm over several edited layers (sqrt of the sum of squares); one layer's own value as is."""
+    return float(norms[0]) if len(norms) == 1 else math.sqrt(sum(float(x) ** 2 for x in norms))
 
 
 def _evaluate(lm, records, eval_batch_size, /, **cols) -> pd.DataFrame:
@@ -131,13 +162,13 @@ def perplexity(lm: LanguageModel, texts: Sequence[str], batch_size: int = 16, ma
 
 
 @contextmanager
-def _written_by_editkit(lm: LanguageModel, layer: int) -> Iterator[None]:
-    """On exit, record the edited weight (put back by the runner) as editkit's own write, so
+def _written_by_editkit(lm: LanguageModel, layers: int | Sequence[int]) -> Iterator[None]:
+    """On exit, record the edited weights (put back by the runner) as editkit's own writes, so
     the statistics cached on the model (the unedited model's) stay valid."""
     try:
         yield
     finally:
-        lm.weights_written({lm.weight_name(layer)})
+        lm.weights_written({lm.weight_name(l) for l in ([layers] if isinstance(layers, int) else layers)})
 
 
 @contextmanager
