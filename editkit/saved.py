@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import runlog
 from .editors import METHODS, Edit, EditError, Editor
 from .models import LanguageModel, _tensor_digest
 from .requests import EditRequest
@@ -120,14 +121,6 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from ._version import __version__
-
-    return {"editkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def save_edit(edit: Edit, path: str | Path) -> Path:
     """Write ``edit`` to the folder ``path`` (created; files in it replaced). See the module doc."""
     from safetensors.torch import save_file
@@ -167,7 +160,7 @@ def save_edit(edit: Edit, path: str | Path) -> Path:
                   "model_type": getattr(lm.model.config, "model_type", None), "dtype": str(lm.dtype)},
         "layers": storage,
         "c0": _jsonable(edit.c0),
-        "versions": _versions(),
+        "versions": runlog.versions(),
         "norms": _jsonable(edit.norms),
         "diagnostics": _jsonable(edit.diagnostics),
         "timings": _jsonable(edit.timings),
