@@ -11,7 +11,7 @@ import logging as _logging
 from ._version import __version__
 from .data import CounterFactRecord, DatasetUnavailableError, ZsreRecord, load_counterfact, load_zsre
 from .data.corpus import CorpusUnavailableError
-from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, AlphaEdit, Edit, EditError, Editor, available_presets, make_editor,
+from .editors import (EMMET, MEMIT, METHODS, ROME, RROME, AlphaEdit, UnifiedROME, Edit, EditError, Editor, available_presets, make_editor,
                       EditWarning, summarized_edit_warnings,
                       preset_for, register)
 from .generation import generate
@@ -33,7 +33,7 @@ __all__ = [
     "load_model", "LanguageModel", "ModelSpec", "Adapter", "ADAPTERS", "ModelUnavailableError",
     "UnknownArchitectureError", "EditRequest", "RequestError", "StaleStatisticsWarning", "EditWarning",
     # editing
-    "Editor", "ROME", "RROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "summarized_edit_warnings", "Edit", "EditError",
+    "Editor", "ROME", "RROME", "UnifiedROME", "MEMIT", "EMMET", "METHODS", "register", "make_editor", "summarized_edit_warnings", "Edit", "EditError",
     "available_presets", "preset_for", "PROTOCOLS", "Conventions", "load_hparams", "read_hparams", "HparamsError",
     "load_edit", "SavedEdit", "generate",
     # the steps of an edit

@@ -40,7 +40,7 @@ QUICK = {
     "batch_editing.ipynb": dict(_MINI, batch_sizes=[2, 4], layers=[0], reg_batch_size=4,
                                 regs={"MEMIT": [10.0, 100.0], "EMMET": [0.1, 1.0]}),
     "sequential_batched.ipynb": dict(_MINI, batch_sizes=[2, 4], total_edits=4, layers=[0], compare_batch_sizes=[2],
-                                     compare_methods=["MEMIT", "AlphaEdit"], one_at_a_time=["r-ROME"],
+                                     compare_methods=["MEMIT", "AlphaEdit"], one_at_a_time=["unified-ROME"],
                                      checkpoint_every=2),
     "explore.ipynb": dict(model="world-gpt2-mini", corpus="world:small"),
 }

@@ -60,6 +60,7 @@ METHOD_FIELDS: dict[str, dict[str, str | tuple[None, str]]] = {
                                                "null-space projector")},
     "ROME": {"mom2_update_weight": (None, "scaling C0 does not change an equality-constrained (ROME) update")},
     "r-ROME": {"mom2_update_weight": (None, "scaling C0 does not change an equality-constrained (ROME) update")},
+    "unified-ROME": {"mom2_update_weight": (None, "scaling C0 does not change an equality-constrained (ROME) update")},
 }
 
 #: Fields whose one value editkit implements: (accepted values, what editkit does).

@@ -369,7 +369,7 @@ def sequential_methods(frame: pd.DataFrame, batch_size: int | None = None, phase
     too small to read); ``batch_size`` may be omitted when the frame has only one.
 
     A method that was run at a single batch size while others were run at several
-    is drawn dashed and named "(one at a time)": r-ROME and ROME apply the facts of a
+    is drawn dashed and named "(one at a time)": ROME, r-ROME and unified-ROME apply the facts of a
     batch one after another, so their sequence of weights does not depend on the batch
     size and one run serves every batch size.
     """

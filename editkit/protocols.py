@@ -39,7 +39,7 @@ class PrefixSpec:
 class Conventions:
     """Every choice the two protocols make differently (see the README's protocol table)."""
 
-    key_mean: Literal["groups", "flat"]  # MEMIT/EMMET/r-ROME key: mean of (bare, mean of prefixed) / one flat mean
+    key_mean: Literal["groups", "flat"]  # MEMIT/EMMET/unified-ROME key: mean of (bare, mean of prefixed) / one flat mean
     rome_key_mean: Literal["groups", "flat"]  # ROME's k*
     decay: Literal["norm", "squared"]  # β·‖δ‖/‖h‖²  or  β·‖δ‖²/‖h‖²
     kl: Literal["edited_first", "original_first"]  # KL(P_δ ‖ P_0)  or  KL(P_0 ‖ P_δ)
@@ -48,7 +48,7 @@ class Conventions:
     updates: Literal["steps_minus_one", "steps"]  # v_steps = N: N − 1 or N Adam updates
     rome_site: Literal["mlp", "block"]  # ROME's δ and its norms: MLP output / residual after the block
     rome_denominator: Literal["k_cur", "k_star"]  # ROME: k_curᵀC0⁻¹k* (un-prefixed key) / k*ᵀC0⁻¹k*
-    # Context prefixes sampled from the model (MEMIT, EMMET, r-ROME / ROME); None: editkit's own
+    # Context prefixes sampled from the model (MEMIT, EMMET, unified-ROME / ROME, r-ROME); None: editkit's own
     # (keys.context_prefixes: the editor's n_prefixes texts of prefix_len new tokens after BOS).
     prefixes: PrefixSpec | None
     rome_prefixes: PrefixSpec | None

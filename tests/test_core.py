@@ -61,6 +61,27 @@ def test_rome_memorizes_key_value_pair(lm, C0s, protocol):
     assert_restored(lm, before)
 
 
+def test_rrome_maps_the_averaged_key_to_v_star(lm, C0s):
+    """r-ROME's defining property: after the edit, the edited module maps the averaged key k̄
+    (the flat mean over the bare and the prefixed prompts, the key the update divides by) to
+    v* = h + δ, the MLP output the value optimization asked for. The original ROME maps the
+    bare prompt's key there instead, which r-ROME does not."""
+    before = weights(lm)
+    prefixes = ["The weather was fine. ", "I said so. "]
+    editor = ek.RROME(layer=1, values=fast_values(), protocol="reference", prefixes=prefixes, **FAST)
+    with editor.applied(lm, REQS[:1], stats=C0s, progress=False) as edit:
+        k_bar = ek.compute_keys(lm, REQS[:1], 1, ["", *prefixes], mean="flat")[:, 0]
+        k_bare = ek.compute_keys(lm, REQS[:1], 1, [""])[:, 0]
+        module = lm.edit_module(1)
+        with torch.no_grad():
+            out, out_bare = module(k_bar[None].to(module.weight.dtype))[0], module(k_bare[None])[0]
+        v_star = edit.targets[0]  # the MLP output at the bare prompt plus δ
+        torch.testing.assert_close(edit.keys[1][:, 0], k_bar)
+        torch.testing.assert_close(out.double(), v_star.double(), rtol=1e-4, atol=1e-4 * v_star.norm().item())
+        assert (out_bare - v_star).norm() > 1e-2 * v_star.norm()  # k_bare ≠ k̄ here: not ROME's property
+    assert_restored(lm, before)
+
+
 def test_emmet_satisfies_every_constraint(lm, C0s):
     before = weights(lm)
     editor = ek.EMMET(layers=[1], lambda_e=0.0, values=fast_values(), **FAST)

@@ -12,6 +12,9 @@ here (measured: 0.13–1.7), far above the 1e-4 the tests allow.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+from importlib import resources
 
 import pytest
 import torch
@@ -169,7 +172,7 @@ def test_emmet_reference_equals_hand_computation(lm, reqs, C0):
     assert _rel(_apply(editor, lm, reqs, C0), expected) < 1e-4
 
 
-def test_rome_and_rrome_reference_equal_hand_computation(lm, reqs, C0):
+def test_rome_rrome_and_unified_rome_reference_equal_hand_computation(lm, reqs, C0):
     req = reqs[0]
     k_star = key_flat(lm, req).double()
     k_cur = _keys_at(lm, [req.prompt], req.subject)[0].double()
@@ -178,14 +181,22 @@ def test_rome_and_rrome_reference_equal_hand_computation(lm, reqs, C0):
     expected = torch.outer(delta.double(), u) / (k_cur @ u)
     editor = ek.ROME(layers=[LAYER], protocol="reference", prefixes=PREFIXES, **VALUES)
     assert _rel(_apply(editor, lm, [req], C0), expected) < 1e-4
-    # r-ROME as the authors' r-ROME code (and the study's own ROME) does it: MEMIT's grouped key in
-    # both places of the rank-one update, δ on the residual
+    # r-ROME as its paper's code does it: ROME's flat key k̄ and δ on the MLP output, with k̄ in both
+    # places, numerator v* − (W k̄ + b) = δ + W (k_cur − k̄) (v* = W k_cur + b + δ)
+    W = lm.model.transformer.h[LAYER].mlp.c_proj.weight.detach().double().T  # Conv1D: d_out × d_in
+    num = delta.double() + W @ (k_cur - k_star)
+    expected_r = torch.outer(num, u) / (k_star @ u)
+    rrome = ek.RROME(layers=[LAYER], protocol="reference", prefixes=PREFIXES, **VALUES)
+    assert _rel(_apply(rrome, lm, [req], C0), expected_r) < 1e-4
+    assert _rel(expected_r, expected) > 0.05  # r-ROME and ROME differ measurably on this case
+    # unified-ROME as the batch-editing study's code ran ROME: MEMIT's grouped key in both places
+    # of the rank-one update, δ on the residual, the residual read at the bare prompt
     kg = key_grouped(lm, req).double()
     _, d_res = value(lm, req, "block")
     ug = torch.linalg.solve(C0, kg)
-    expected_r = torch.outer(d_res.double(), ug) / (kg @ ug)
-    rrome = ek.RROME(layers=[LAYER], protocol="reference", prefixes=PREFIXES, **VALUES)
-    assert _rel(_apply(rrome, lm, [req], C0), expected_r) < 1e-4
+    expected_u = torch.outer(d_res.double(), ug) / (kg @ ug)
+    unified = ek.UnifiedROME(layers=[LAYER], protocol="reference", prefixes=PREFIXES, **VALUES)
+    assert _rel(_apply(unified, lm, [req], C0), expected_u) < 1e-4
 
 
 def test_reference_stops_on_the_total_loss(lm, reqs, C0):
@@ -217,18 +228,46 @@ PUBLISHED = {
                                clamp_norm_factor=0.75),
     ("gpt2-xl", "EMMET"): dict(layers=[17], reg=0.1, mom2_update_weight=1000.0, v_steps=20, v_lr=0.5,
                                v_weight_decay=0.5, clamp_norm_factor=0.75),
-    ("gpt2-xl", "r-ROME"): dict(layers=[17], v_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
+    ("gpt2-xl", "r-ROME"): dict(layers=[17], v_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0),
+    ("gpt2-xl", "unified-ROME"): dict(layers=[17], v_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
     ("gpt-j-6b", "ROME"): dict(layers=[5], v_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0),
     ("gpt-j-6b", "MEMIT"): dict(layers=[3, 4, 5, 6, 7, 8], reg=15000.0, v_steps=25, v_lr=0.5, v_weight_decay=0.5,
                                 clamp_norm_factor=0.75),
     ("gpt-j-6b", "EMMET"): dict(layers=[5], reg=0.1, mom2_update_weight=10000.0, v_steps=25, v_lr=0.5,
                                 v_weight_decay=0.5, clamp_norm_factor=0.75),
-    ("gpt-j-6b", "r-ROME"): dict(layers=[5], v_steps=25, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
+    ("gpt-j-6b", "r-ROME"): dict(layers=[5], v_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0),
+    ("gpt-j-6b", "unified-ROME"): dict(layers=[5], v_steps=25, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75),
     ("llama-3-8b", "MEMIT"): dict(layers=[1], reg=1.0, v_steps=25, v_lr=0.5, v_weight_decay=1e-3,
                                   clamp_norm_factor=4.0),
     ("llama-3-8b", "EMMET"): dict(layers=[1], reg=0.1, mom2_update_weight=1.0, v_steps=25, v_lr=0.5,
                                   v_weight_decay=1e-3, clamp_norm_factor=4.0),
+    # the AlphaEdit authors' hparams/AlphaEdit/Llama3-8B.json
+    ("llama-3-8b", "AlphaEdit"): dict(layers=[4, 5, 6, 7, 8], reg=10.0, nullspace_threshold=2e-2, v_steps=25, v_lr=0.1,
+                                      v_weight_decay=0.5, clamp_norm_factor=0.75),
 }
+
+#: The peers whose published settings presets copy: a preset naming one cites file and commit.
+PEERS = ("kmeng01/rome", "kmeng01/memit", "scalable-model-editing/unified-model-editing",
+         "scalable-model-editing/rebuilding-rome", "jianghoucheng/AlphaEdit")
+_CITATION = re.compile(r"([\w-]+) = ([\w-]+/[\w.-]+)@([0-9a-f]{7,40}) (hparams/\S+?\.json)")
+
+
+@pytest.mark.parametrize("preset", ek.available_presets())
+def test_presets_name_the_source_file_and_commit_of_peer_settings(preset):
+    """A preset built from a peer's published settings says where each method's values come from:
+    ``Sources: <method> = <owner/repo>@<commit> <hparams file>; ...`` in its ``_about``."""
+    data = json.loads((resources.files("editkit") / "presets" / f"{preset}.json").read_text())
+    about = data["_about"]
+    cited = {m: (repo, path) for m, repo, _, path in _CITATION.findall(about)}
+    for name in ("unified-model-editing", "rebuilding-rome", "AlphaEdit", "kmeng01"):
+        if name in about.replace("ek.AlphaEdit", ""):
+            assert any(name in repo for repo, _ in cited.values()), f"{preset}: names {name} without file and commit"
+    assert all(repo in PEERS for repo, _ in cited.values()), (preset, cited)
+    if preset in ("gpt2-xl", "gpt-j-6b", "llama-3-8b"):  # every entry is a peer's
+        missing = [m for m in data if not m.startswith("_") and m not in cited]
+        assert not missing, f"{preset}: no source cited for {missing}"
+    for m, (repo, path) in cited.items():
+        assert m in data or m == "values", f"{preset}: cites a source for {m!r}, which it has no entry for"
 
 
 @pytest.mark.parametrize("preset,method", sorted(PUBLISHED))
@@ -261,3 +300,4 @@ def test_protocol_and_prefixes_are_checked():
     with pytest.raises(ValueError, match="braces"):
         ek.MEMIT(layers=[0], prefixes=["A {weird} one. "])
     assert ek.METHODS["r-ROME"] is ek.RROME and ek.RROME(layer=3).layers == [3]
+    assert ek.METHODS["unified-ROME"] is ek.UnifiedROME and ek.UnifiedROME(layer=3).layers == [3]

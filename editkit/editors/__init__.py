@@ -13,14 +13,14 @@ runners, the widgets and the command line.
 
 The package, by concept: :mod:`.edit` (the reversible Edit), :mod:`.presets`, :mod:`.base`
 (the Editor), :mod:`.registry` (METHODS, register, make_editor), :mod:`.methods` (ROME, r-ROME,
-MEMIT, EMMET) and :mod:`.alphaedit`.
+unified-ROME, MEMIT, EMMET) and :mod:`.alphaedit`.
 """
 from .edit import HUGE_UPDATE_RATIO, Edit, EditError, EditWarning, summarized_edit_warnings
 from .presets import available_presets, preset_for
 from .base import PEER_ALIASES, Editor
 from .registry import METHODS, make_editor, register
-from .methods import EMMET, MEMIT, ROME, RROME
+from .methods import EMMET, MEMIT, ROME, RROME, UnifiedROME
 from .alphaedit import AlphaEdit, preserved_keys
 
-__all__ = ["EditWarning", "Editor", "ROME", "RROME", "MEMIT", "EMMET", "AlphaEdit", "preserved_keys", "Edit", "EditError", "METHODS", "register", "make_editor",
+__all__ = ["EditWarning", "Editor", "ROME", "RROME", "UnifiedROME", "MEMIT", "EMMET", "AlphaEdit", "preserved_keys", "Edit", "EditError", "METHODS", "register", "make_editor",
            "available_presets", "preset_for", "summarized_edit_warnings", "HUGE_UPDATE_RATIO", "PEER_ALIASES"]

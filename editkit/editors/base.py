@@ -71,8 +71,14 @@ class Editor:
     constraint: ClassVar[str]  # "equality" or "least_squares" (see solver.solve)
     method: ClassVar[str]  # the registry name
     aliases: ClassVar[dict[str, str]] = {}  # a paper's parameter name -> field
-    #: The original ROME's own conventions (prefixes, key mean, value site, denominator; see protocols.Conventions).
+    #: ROME's own conventions for the context prefixes, the key mean and δ's site (``Conventions.rome_*``)
+    #: instead of MEMIT's: ROME and r-ROME, whose papers and code share them.
+    rome_conventions: ClassVar[bool] = False
+    #: The original ROME's denominator ``k_curᵀC0⁻¹k*`` (when the protocol says ``rome_denominator="k_cur"``).
     original_rome: ClassVar[bool] = False
+    #: r-ROME's numerator: v* minus the edited module's output at the averaged key k̄ (the key it divides
+    #: by), instead of minus its output at the bare prompt, so that the edited module maps k̄ to v*.
+    mean_key_residual: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         layers = self.layers if isinstance(self.layers, (list, tuple, range)) else [self.layers]
@@ -317,7 +323,7 @@ class Editor:
             return ["", *self.prefixes]
         lm.sync_statistics()
         conv = conventions(self.protocol)
-        spec = conv.rome_prefixes if self.original_rome else conv.prefixes
+        spec = conv.rome_prefixes if self.rome_conventions else conv.prefixes
         if spec is None:
             return context_prefixes(lm, self.n_prefixes, self.prefix_len, self.seed)
         key = ("prefixes", spec, self.seed)
@@ -335,7 +341,7 @@ class Editor:
         """``K`` (d_in × E) the update is solved for: each request's key averaged over ``prefixes``,
         flat or as the mean of the bare and the prefixed group means, as the protocol says."""
         conv = conventions(self.protocol)
-        return compute_keys(lm, reqs, layer, prefixes, mean=conv.rome_key_mean if self.original_rome else conv.key_mean)
+        return compute_keys(lm, reqs, layer, prefixes, mean=conv.rome_key_mean if self.rome_conventions else conv.key_mean)
 
     def solve(self, K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | C0Factor, dtype: torch.dtype,
               K_cur: torch.Tensor | None = None, **inputs: Any) -> Solution:
@@ -365,9 +371,9 @@ class Editor:
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
                      C0: dict[int, torch.Tensor | C0Factor], edit: Edit, progress: bool) -> None:
         diag = edit.diagnostics
-        conv, rome = conventions(self.protocol), self.original_rome
+        conv = conventions(self.protocol)
         prefixes = self.context(lm)
-        site = conv.rome_site if rome else "block"  # where δ and its reference vector h live
+        site = conv.rome_site if self.rome_conventions else "block"  # where δ and its reference vector h live
         top = layers[-1]
         t0 = time.perf_counter()
         values = dataclasses.replace(self.values, conventions=self.protocol, site=site)
@@ -384,10 +390,14 @@ class Editor:
             t0 = time.perf_counter()
             K = self.keys(lm, reqs, layer, prefixes)
             # The original ROME divides by k_curᵀC0⁻¹k*, k_cur being the key of the un-prefixed prompt.
-            K_cur = compute_keys(lm, reqs, layer, [""]) if rome and conv.rome_denominator == "k_cur" else None
+            k_cur = self.original_rome and conv.rome_denominator == "k_cur"
+            K_bare = compute_keys(lm, reqs, layer, [""]) if k_cur or self.mean_key_residual else None
+            K_cur = K_bare if k_cur else None
             H = hidden_at_subject(lm, reqs, top, site=site)
             R = (Z.cpu() - H).T / (len(layers) - i)  # this layer's share of what is left
             W = lm.weight(layer)
+            if self.mean_key_residual:  # r-ROME: v* − W k̄ = (Z − H) − W (k̄ − k_bare), H holding W k_bare
+                R = (R.double() - (W.double() @ (K - K_bare).to(W.device).double()).cpu()).to(R.dtype)
             kc = None if K_cur is None else K_cur.to(W.device)
             if isinstance(C0[layer], C0Factor):  # the layer's cached factor (copied to W's device if offloaded)
                 C = C0[layer].to(W.device)

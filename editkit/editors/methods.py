@@ -1,4 +1,4 @@
-"""ROME, r-ROME, MEMIT and EMMET: each a dataclass of defaults and aliases on :class:`Editor`."""
+"""ROME, r-ROME, unified-ROME, MEMIT and EMMET: each a dataclass of defaults and aliases on :class:`Editor`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ class ROME(Editor):
     method: ClassVar[str] = "ROME"
     constraint: ClassVar[str] = "equality"
     aliases: ClassVar[dict[str, str]] = {"layer": "layers"}
+    rome_conventions: ClassVar[bool] = True
     original_rome: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -67,10 +68,34 @@ class EMMET(Editor):
 @register
 @dataclass(kw_only=True)
 class RROME(ROME):
-    """r-ROME: ROME with one key in both places of the rank-one update (``k*ᵀC0⁻¹k*``), the fix
-    the r-ROME paper proposes for the original ROME's collapse after some edits. Under the
-    reference protocol it is the authors' r-ROME code, which is also the ROME of the study's own
-    code: MEMIT's prefixes and grouped keys, δ on the residual. ``RROME(layer=5)``."""
+    """r-ROME (Gupta et al., "Rebuilding ROME", 2024): ROME with the same averaged key k̄ in the
+    numerator and the denominator of the rank-one update,
+
+        Δ = (v* − W k̄) (C0⁻¹ k̄)ᵀ / (k̄ᵀ C0⁻¹ k̄),   so that (W + Δ) k̄ = v*,
+
+    k̄ the flat mean of the subject's key over ROME's context prefixes and the bare prompt,
+    v* = h + δ with δ on the MLP output. The original ROME divides by k_curᵀC0⁻¹k̄ and
+    subtracts W k_cur, k_cur being the bare prompt's key: a mismatch that collapses models
+    after some edits. Under the reference protocol this is the r-ROME paper's code
+    (scalable-model-editing/rebuilding-rome; measured distance: docs/protocols.md, fidelity).
+    ``RROME(layer=5)``."""
 
     method: ClassVar[str] = "r-ROME"
+    original_rome: ClassVar[bool] = False
+    mean_key_residual: ClassVar[bool] = True
+
+
+@register
+@dataclass(kw_only=True)
+class UnifiedROME(ROME):
+    """ROME as the batch-editing study's code ran it (unified-model-editing at cf1907f,
+    ``alg_name="ROME"``): EMMET's equality solve for one fact, ``Δ = (z* − z)(C0⁻¹k̄)ᵀ/(k̄ᵀC0⁻¹k̄)``,
+    with MEMIT's conventions — its 5 context prefixes, the grouped key mean k̄, δ on the block
+    output, the residual z* − z read at the bare prompt. The same k̄ in both places of the
+    denominator as r-ROME, but not r-ROME's numerator, so the edited module maps k̄ to
+    W k̄ + (z* − z), not to v*. Keep it to reproduce the study's ROME numbers
+    (measured distance: docs/protocols.md, fidelity). ``UnifiedROME(layer=5)``."""
+
+    method: ClassVar[str] = "unified-ROME"
+    rome_conventions: ClassVar[bool] = False
     original_rome: ClassVar[bool] = False
