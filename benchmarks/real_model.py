@@ -2,9 +2,11 @@
 """Small, resumable studies on a real packaged LM (``smollm2-135m``, ``gemma-3-270m``) with real
 CounterFact records, offline: what the presets in ``editkit/presets/<model>.json`` rest on.
 
-    python benchmarks/real_model.py --model smollm2-135m --stage trace
-    python benchmarks/real_model.py --model smollm2-135m --stage c0 --layer 4
-    python benchmarks/real_model.py --model smollm2-135m --stage sweep --layers 2 4 8 12
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage trace --data counterfact.json
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage c0 --layer 4
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage sweep --layers 2 4 8 12
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage batch --layer 8 --n-batch 512
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage pack-values --layer 8
 
 Stages (each writes under ``runs/real-<model>/`` and skips what is already there, so an
 interrupted run continues where it stopped):
@@ -22,7 +24,15 @@ interrupted run continues where it stopped):
 * ``sweep``: ``experiments.layer_sweep`` (ROME, single edits into the unedited model) over
   ``--layers`` on ``--n-sweep`` eval records, C0 from ``counterfact-text`` at 4× d_in.
 
-Records: ``--data`` (default: the 1000 real CounterFact records of ``../shared/data``), shuffled
+* ``batch``: the batch-editing study at the study's ratio of edits to MLP width
+  (``experiments.batch_sweep``; ``--n-batch`` facts, ``--batch-sizes``, MEMIT and EMMET with the
+  model's preset, held-out perplexity, then λ over ``--regs`` at the largest batch); its summary is
+  also written to ``benchmarks/real/<model>-batch-L<layer>-n<n>.json`` and its figures to ``figures/``.
+  δ are kept on disk as they finish; ``pack-values`` packs them into
+  ``benchmarks/real/<model>-values-L<layer>.safetensors`` (no prompt text), which the next start
+  unpacks, so a run cut off by the end of a session resumes anywhere without re-optimizing.
+
+Records: ``--data`` (default: ``$EDITKIT_DATA``, a local CounterFact file), shuffled
 with seed 0, eval half only (``editkit.corpora.scoring_records``); the C0 corpus reads only
 the other half. Results and wall-clock seconds go to ``runs/real-<model>/summary-<stage>.json``.
 """
@@ -41,7 +51,15 @@ from editkit import corpora, experiments, tracing
 
 log = logging.getLogger("editkit.real")
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-easyedit-1000.json"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-easyedit-1000.json"  # the project's machines
+
+
+def default_data() -> str | None:
+    """``--data`` when not given: ``$EDITKIT_DATA`` (a local CounterFact file, as everywhere in
+    editkit), else the reference copy of the project's build machines, else none."""
+    import os
+
+    return os.environ.get("EDITKIT_DATA") or (str(DEFAULT_DATA) if DEFAULT_DATA.is_file() else None)
 
 
 def eval_records(data: str, n: int) -> list:
@@ -280,7 +298,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--stage", choices=["trace", "c0", "sweep", "batch", "pack-values"], required=True)
-    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--data", default=default_data(),
+                   help="a local CounterFact JSON (official, multi-counterfact or EasyEdit layout); default $EDITKIT_DATA")
     p.add_argument("--layer", type=int, default=4)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8, 12])
     p.add_argument("--n-trace", type=int, default=8)
@@ -296,6 +315,9 @@ def main(argv=None) -> None:
     p.add_argument("--regs", type=float, nargs="+", default=[1.0, 10.0, 1e2, 1e3, 1e4, 1e5])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.stage != "pack-values" and not args.data:
+        p.error("no CounterFact file: pass --data FILE or set EDITKIT_DATA=FILE (the official counterfact.json "
+                "or an EasyEdit-layout file of yours)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
