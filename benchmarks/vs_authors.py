@@ -277,14 +277,17 @@ def editkit_edit(lm: ek.LanguageModel, editor: ek.Editor, reqs: list[ek.EditRequ
         lm.cache.pop("_values_memo", None)
     from editkit import values as V
 
-    real, spent = V.optimize_values, [0.0]
+    real, spent, depth = V.optimize_values, [0.0], [0]
 
     def clocked(*a, **k):  # editkit's value optimization, clocked (CPU seconds, as timed())
+        depth[0] += 1  # a batch over v_batch_size calls it again per chunk: clock the outer call only
         t0 = time.process_time()
         try:
             return real(*a, **k)
         finally:
-            spent[0] += time.process_time() - t0
+            depth[0] -= 1
+            if depth[0] == 0:
+                spent[0] += time.process_time() - t0
 
     V.optimize_values = clocked
     try:
