@@ -207,14 +207,16 @@ def editkit_side(lm, editor: ek.Editor, groups: list[list[ek.EditRequest]], C: t
 def self_spread(lm, editor: ek.Editor, reqs: list[ek.EditRequest], C: torch.Tensor, base: torch.Tensor,
                 method: str) -> list[dict]:
     """editkit's sequential chain against itself: run again (same process, same settings), with
-    two CPU threads instead of one, and with C0 perturbed by 0.1% (each entry times 1 + 1e-3·s,
-    s symmetric standard normal, seeded): how much a chain's W − W0 moves under rounding-size
-    changes that no implementation controls."""
+    two CPU threads instead of one, and with C0 perturbed by about 0.1% (``(I + εS) C0 (I + εS)ᵀ``,
+    ε = 1e-3, S a seeded symmetric matrix of unit-variance entries scaled by 1/√d, so C0 stays
+    positive definite — an entry-wise perturbation of that size makes the world's C0, condition
+    number 5·10⁵, indefinite): how much a chain's W − W0 moves under rounding-size changes."""
     rows, what = [], f"{len(reqs)} sequential edits (W - W0), editkit vs editkit"
     threads = torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     S = torch.randn(C.shape, generator=g, dtype=torch.float64)
-    C_perturbed = (C.double() * (1 + 1e-3 * (S + S.T) / 2 ** 0.5)).float()
+    A = torch.eye(C.shape[0], dtype=torch.float64) + 1e-3 * (S + S.T) / (2 * C.shape[0]) ** 0.5
+    C_perturbed = (A @ C.double() @ A.T).float()
     runs = {"run again": (1, C), "2 threads": (2, C), "C0 x (1 + 0.1% noise)": (threads, C_perturbed)}
     for name, (n_threads, C_run) in runs.items():
         torch.set_num_threads(n_threads)
