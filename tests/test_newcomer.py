@@ -218,3 +218,34 @@ def test_notebook_layers_take_one_or_several_and_need_a_preset_or_a_value():
     with pytest.raises(notebook.ParameterError, match="layers: no preset names the layers"):
         notebook.Setup(preset=None).layers("MEMIT")
     assert notebook.Setup(preset=None, editor_kwargs={"layers": [2, 3]}).layers("MEMIT") == [2, 3]
+
+
+def test_the_wheel_builds_silently_and_carries_the_package_data(tmp_path):
+    """The build backend (hatchling) prints nothing of its own on an install, editable or not —
+    setuptools ≥ 80 warns on every editable install of a flat layout, whatever the mode (checked:
+    default, compat, strict) — and the wheel carries
+    what editkit reads at run time: the presets and the embedded world's models."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "editkit", src / "editkit", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    import tomllib
+
+    backend = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["build-backend"]
+    code = ("import importlib, sys, warnings; warnings.simplefilter('always');"
+            f"b = importlib.import_module({backend!r});"
+            "print(b.build_editable(sys.argv[1] + '/e'), b.build_wheel(sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert not out.stderr.strip(), f"the {backend} backend printed:\n{out.stderr}"
+    names = zipfile.ZipFile(tmp_path / "dist" / out.stdout.split()[-1]).namelist()
+    for want in ("editkit/presets/world-gpt2.json", "editkit/world/models/world-gpt2/model.safetensors",
+                 "editkit/world/models/world-gpt2/tokenizer.json", "editkit/cli.py"):
+        assert want in names, want
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "notebooks/"))]
