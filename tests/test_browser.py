@@ -24,11 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "runs" / "browser"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
 
-pytestmark = [
+#: What every browser test needs (tests/test_report_browser.py too): Chromium and Playwright.
+BROWSER_MARKS = [
     pytest.mark.browser,
     pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on the PATH (apt-get install chromium)"),
     pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
                        reason="playwright is not installed (pip install -e '.[ui]', or make browser-test)"),
+]
+pytestmark = [
+    *BROWSER_MARKS,
     pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None,
                        reason="jupyterlab is not installed (pip install -e '.[ui]', or make browser-test)"),
 ]

@@ -14,22 +14,7 @@ import torch
 import editkit as ek
 from editkit.testing import TINY_TEXT, tiny_lm
 
-SUBJECTS = ["Danielle Darrieux", "Toko Yasuda", "Apple A5", "Kaiser Chiefs", "Anaal Nathrakh", "Jürgen Müller"]
-OBJECTS = ["English", "French", "Spain", "Sweden"]
-FAST = dict(corpus=TINY_TEXT, n_samples=None, n_prefixes=1, prefix_len=3, values=ek.ValueConfig(v_steps=2))
-
-
-def _record(i: int, shift: int = 1) -> dict:
-    s = SUBJECTS[i]
-    true, new = OBJECTS[i % 4], OBJECTS[(i + shift) % 4]
-    return {"case_id": i, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                                                 "subject": s, "target_new": {"str": new}, "target_true": {"str": true}},
-            "paraphrase_prompts": [f"{s} is a citizen of"],
-            "neighborhood_prompts": [f"The native language of {SUBJECTS[(i + 3) % 6]} is"]}
-
-
-def _records(n: int = 4, shift: int = 1):
-    return ek.load_counterfact([_record(i, shift) for i in range(n)])
+from test_integrity import FAST, _record, _records  # the same six facts as round 1
 
 
 @pytest.fixture()

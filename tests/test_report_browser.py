@@ -4,22 +4,15 @@ load from the file itself and nothing is fetched from elsewhere. Skipped without
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
-import shutil
 
 import pytest
 
 from editkit.report import write_report
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+from test_browser import BROWSER_MARKS, CHROMIUM
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on the PATH (apt-get install chromium)"),
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="playwright is not installed (pip install -e '.[ui]', or make browser-test)"),
-]
+pytestmark = BROWSER_MARKS
 
 
 def executed_notebook() -> dict:
