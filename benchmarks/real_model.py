@@ -6,7 +6,9 @@ CounterFact records, offline: what the presets in ``editkit/presets/<model>.json
     .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage c0 --layer 4
     .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage sweep --layers 2 4 8 12
     .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage batch --layer 8 --n-batch 512
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage sequential --layer 8 --n-seq 512
     .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage pack-values --layer 8
+    .venv/bin/python benchmarks/real_model.py --model smollm2-135m --stage batch --device cuda --no-figures
 
 Stages (each writes under ``runs/real-<model>/`` and skips what is already there, so an
 interrupted run continues where it stopped):
@@ -21,8 +23,13 @@ interrupted run continues where it stopped):
   ROME single edits on ``--n-c0`` eval records: ES, PS, NS and the mean relative distance of
   each update from the first (4×, the sweep's) one. (Sampling the model is ~100× slower per token than
   reading CounterFact sentences on a CPU, so the model-text point is a small one.)
-* ``sweep``: ``experiments.layer_sweep`` (ROME, single edits into the unedited model) over
-  ``--layers`` on ``--n-sweep`` eval records, C0 from ``counterfact-text`` at 4× d_in.
+* ``sweep``: ``experiments.layer_sweep`` (``--sweep-methods``, default ROME and MEMIT with the model's
+  preset, single edits into the unedited model) over ``--layers`` on ``--n-sweep`` eval records,
+  ES/PS/NS/S with bootstrap 95% intervals per (method, layer).
+* ``sequential``: sequential-batched editing at the study's ratio: ``--n-seq`` facts applied to one
+  model as batches of ``--seq-memit`` (MEMIT), ``--seq-emmet`` (EMMET) and ``--seq-alphaedit``
+  (AlphaEdit) sizes; every edited fact scored at the checkpoints, held-out perplexity and
+  ‖Ŵ − W₀‖ after every batch.
 
 * ``batch``: the batch-editing study at the study's ratio of edits to MLP width
   (``experiments.batch_sweep``; ``--n-batch`` facts, ``--batch-sizes``, MEMIT and EMMET with the
@@ -31,6 +38,12 @@ interrupted run continues where it stopped):
   δ are kept on disk as they finish; ``pack-values`` packs them into
   ``benchmarks/real/<model>-values-L<layer>.safetensors`` (no prompt text), which the next start
   unpacks, so a run cut off by the end of a session resumes anywhere without re-optimizing.
+
+Every stage keeps its tidy frames in ``runs/real-<model>/frames/<stage>-….csv.gz`` and, when they
+are there, reads them instead of computing: a stage run on an accelerator with ``--device cuda
+--no-figures`` (where the plotting stack may be missing) is summarized and drawn here by running
+the same command with its frames copied in. ``--device`` names where the model runs (default
+``cpu``).
 
 Records: ``--data`` (default: ``$EDITKIT_DATA``, a local CounterFact file), shuffled
 with seed 0, eval half only (``editkit.corpora.scoring_records``); the C0 corpus reads only
@@ -152,19 +165,137 @@ def stage_c0(lm, args, out: Path) -> dict:
     return res
 
 
+def _frame(out: Path, name: str, compute) -> "pd.DataFrame":
+    """The stage's tidy frame: read from ``out/frames/<name>.csv.gz`` when a run (here or on an
+    accelerator) already finished it, else computed and written there."""
+    import pandas as pd
+
+    f = out / "frames" / f"{name}.csv.gz"
+    if f.is_file():
+        log.info("frame %s read from %s (not recomputed)", name, f)
+        return pd.read_csv(f)
+    frame = compute()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{f.name}.tmp")
+    frame.to_csv(tmp, index=False, compression="gzip")
+    tmp.replace(f)
+    return frame
+
+
+def _timed(out: Path, name: str, compute) -> tuple["pd.DataFrame", dict]:
+    """:func:`_frame`, with the seconds and the device of the run that computed it kept beside
+    it (``frames/<name>.json``), so a summary drawn elsewhere reports the run's real cost."""
+    meta_f = out / "frames" / f"{name}.json"
+
+    def run():
+        t = time.time()
+        frame = compute()
+        meta = {"seconds": round(time.time() - t, 1), "device": _device_name(), "threads": torch.get_num_threads()}
+        meta_f.parent.mkdir(parents=True, exist_ok=True)
+        meta_f.write_text(json.dumps(meta))
+        return frame
+
+    frame = _frame(out, name, run)
+    return frame, (json.loads(meta_f.read_text()) if meta_f.is_file() else {})
+
+
+def _device_name() -> str:
+    import platform
+
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
+DEVICE = torch.device("cpu")  # set by main() from --device
+
+
+def _save_figure(args, fig, name: str) -> None:
+    from editkit import plots
+
+    plots.save(fig, name, ROOT / "figures")
+
+
 def stage_sweep(lm, args, out: Path) -> dict:
+    """Single edits into the unedited model at every ``--layers`` layer, ``--sweep-methods`` with
+    the model's preset (C0 from the file's corpus half), ``--n-sweep`` facts, with intervals."""
     recs = eval_records(args.data, args.n_sweep)
-    d_in = lm.d_in(args.layers[0])
-    ed = editor(args.layers[0], f"counterfact-text:{args.data}", 4 * d_in, args.v_steps)
-    t = time.time()
-    frame = experiments.layer_sweep(lm, recs, [ed], layers=args.layers, n_edits=len(recs), chunk=5,
-                                    root=out, progress=True)
-    post = frame[frame["phase"].isin(["post", "pre"])]
-    summary = {"seconds_this_session": time.time() - t, "n_records": len(recs), "layers": args.layers}
-    for (phase, layer), g in post.groupby(["phase", "layer"]):
-        s = ek.summarize(g)
-        summary[f"{phase}-L{layer}"] = {k: round(float(s.loc[k, "value"]), 4) for k in ("ES", "PS", "NS", "S")
-                                        if k in s.index}
+    corpus = f"counterfact-text:{args.data}"
+    methods, layers = list(args.sweep_methods), list(args.layers)
+    name = f"sweep-{'-'.join(methods)}-L{'-'.join(map(str, layers))}-n{len(recs)}"
+    frame, meta = _timed(out, name, lambda: experiments.layer_sweep(
+        lm, recs, methods, layers=layers, n_edits=len(recs), preset=args.model, editor_kwargs={"corpus": corpus},
+        chunk=args.sweep_chunk, root=out, progress=True))
+    post = frame[frame["phase"] == "post"]
+    summary = {"n_records": len(recs), "layers": layers, "methods": methods, "run": meta,
+               "case_ids": [r.case_id for r in recs],
+               "unedited": _scores_by(frame[frame["phase"] == "pre"].assign(g=0), ["g"])[0],
+               "scores": _scores_by(post, ["method", "layer"])}
+    if args.figures:
+        from editkit import plots
+
+        kw = dict(methods=methods, layers=layers, protocol="reference", dataset="counterfact", n=len(recs))
+        fig = plots.layer_sweep(frame, title=f"Layer sweep, {args.model}, {len(recs)} real CounterFact facts",
+                                caption=plots.caption(args.model, **kw))
+        _save_figure(args, fig, plots.figure_name("layer_sweep", args.model, **kw))
+    return summary
+
+
+def stage_sequential(lm, args, out: Path) -> dict:
+    """Sequential-batched editing at the study's ratio of edits to MLP width: ``--n-seq`` facts
+    applied to one model as batches of each size (MEMIT ``--seq-memit``, EMMET ``--seq-emmet``,
+    AlphaEdit ``--seq-alphaedit``), the model's preset at ``--layer``; every fact edited so far
+    scored at the checkpoints; perplexity and ‖Ŵ − W₀‖ after every batch."""
+    import pandas as pd
+
+    recs = eval_records(args.data, args.n_seq)
+    if len(recs) < args.n_seq:
+        raise SystemExit(f"--data {args.data} has only {len(recs)} eval-half records; --n-seq {args.n_seq}")
+    corpus = f"counterfact-text:{args.data}"
+    heldout = experiments.heldout_texts(args.data, n=200, seed=0, exclude=recs)
+    n, L = args.n_seq, args.layer
+    plan = [(m, sizes) for m, sizes in (("MEMIT", args.seq_memit), ("EMMET", args.seq_emmet),
+                                         ("AlphaEdit", args.seq_alphaedit)) if sizes]
+    frames, metas = [], {}
+    for m, sizes in plan:
+        name = f"sequential-{m}-L{L}-n{n}-b{'-'.join(map(str, sizes))}"
+        f, metas[m] = _timed(out, name, lambda m=m, sizes=sizes: experiments.sequential_batched(
+            lm, recs, [m], L, sizes, total_edits=n, heldout=heldout, preset=args.model,
+            editor_kwargs={"corpus": corpus}, root=out, progress=True))
+        frames.append(f if not frames else f[f["method"] != "none"])
+    frame = pd.concat(frames, ignore_index=True)
+    final = frame[(frame["phase"] == "all") & (frame["edits_so_far"] == n)]
+    probes = frame[(frame["phase"] == "probe") & (frame["method"] != "none")]
+    last = probes.sort_values("edits_so_far").groupby(["method", "batch_size"]).tail(1).set_index(
+        ["method", "batch_size"])
+    rows = _scores_by(final, ["method", "batch_size"])
+    for row in rows:
+        e = last.loc[(row["method"], row["batch_size"])]
+        row.update(update_norm=round(float(e["update_norm"]), 3), perplexity=round(float(e["perplexity"]), 3),
+                   batches=n // int(row["batch_size"]))
+    base = frame[(frame["phase"] == "probe") & (frame["method"] == "none")]
+    checkpoints = _scores_by(frame[frame["phase"] == "all"], ["method", "batch_size", "edits_so_far"])
+    summary = {"n_records": n, "layer": L, "plan": dict(plan), "runs": metas, "case_ids": [r.case_id for r in recs],
+               "unedited": {**_scores_by(frame[frame["phase"] == "pre"].assign(g=0), ["g"])[0],
+                            "perplexity": float(base["perplexity"].iloc[0])},
+               "final": rows, "checkpoints": checkpoints}
+    if args.figures:
+        from editkit import plots
+
+        for m, sizes in plan:
+            kw = dict(layers=L, batch_sizes=sizes, protocol="reference", dataset="counterfact", n=n)
+            cap = plots.caption(args.model, **{k: kw[k] for k in ("layers", "protocol", "dataset", "n")})
+            for kind, fig in (("sequential_all", plots.sequential(frame, m, phase="all", caption=cap)),
+                              ("sequential_batch", plots.sequential(frame, m, phase="batch", caption=cap)),
+                              ("sequential_drift", plots.sequential_probes(frame, m, caption=cap))):
+                _save_figure(args, fig, plots.figure_name(kind, args.model, methods=m, **kw))
+        if len(plan) > 1:
+            kw = dict(layers=L, protocol="reference", dataset="counterfact", n=n)
+            for bs in sorted(set(plan[0][1]) & set(b for _, sz in plan[1:] for b in sz)):
+                ms = [m for m, sz in plan if bs in sz]
+                fig = plots.sequential_methods(frame, batch_size=bs, caption=plots.caption(args.model, **kw))
+                _save_figure(args, fig, plots.figure_name("sequential_methods", args.model, methods=ms,
+                                                          batch_sizes=bs, **kw))
     return summary
 
 
@@ -240,8 +371,6 @@ def stage_batch(lm, args, out: Path) -> dict:
 
     import pandas as pd
 
-    from editkit import plots
-
     os.environ.setdefault("EDITKIT_VALUES_DIR", str(out / "values"))
     folder = Path(os.environ["EDITKIT_VALUES_DIR"])
     log.info("values memo %s: %d requests from the committed pack", folder,
@@ -253,21 +382,25 @@ def stage_batch(lm, args, out: Path) -> dict:
     heldout = experiments.heldout_texts(args.data, n=200, seed=0, exclude=recs)
     kw = dict(preset=args.model, editor_kwargs={"corpus": corpus}, heldout=heldout, root=out, progress=True)
     sizes = sorted(args.batch_sizes, reverse=True)  # the largest first: all δ in padded chunks, then reused
-    t = time.time()
-    frame = experiments.batch_sweep(lm, recs, ["MEMIT", "EMMET"], args.layer, sizes, n_facts=args.n_batch,
-                                    heldout_batches=4, **kw)
-    t_batch = time.time() - t
-    big = max(sizes)
-    lam = experiments.batch_sweep(lm, recs, ["MEMIT", "EMMET"], args.layer, [big], n_facts=args.n_batch,
-                                  regs={"MEMIT": args.regs, "EMMET": args.regs}, heldout_batches=1, **kw)
-    t_lam = time.time() - t - t_batch
     n, L = args.n_batch, args.layer
-    tag = f"{args.model}_L{L}_n{n}"
-    fig = plots.batch_sweep(frame, title=f"Batch editing, {args.model} layer {L}, {n} real CounterFact facts "
-                                         f"(eval half), reference protocol")
-    plots.save(fig, f"batch_editing_{tag}_b{'-'.join(map(str, sorted(sizes)))}", ROOT / "figures")
-    fig = plots.reg_sweep(lam, title=f"Effect of λ, batch of {big}, {args.model} layer {L}, {n} CounterFact facts")
-    plots.save(fig, f"batch_editing_lambda_{tag}_b{big}", ROOT / "figures")
+    tag = f"L{L}-n{n}"
+    frame, meta_batch = _timed(out, f"batch-{tag}-b{'-'.join(map(str, sorted(sizes)))}", lambda: experiments.batch_sweep(
+        lm, recs, ["MEMIT", "EMMET"], L, sizes, n_facts=n, heldout_batches=4, **kw))
+    big = max(sizes)
+    lam, meta_lam = _timed(out, f"lambda-{tag}-b{big}-reg{'-'.join(f'{r:g}' for r in args.regs)}",
+                           lambda: experiments.batch_sweep(lm, recs, ["MEMIT", "EMMET"], L, [big], n_facts=n,
+                                                           regs={"MEMIT": args.regs, "EMMET": args.regs},
+                                                           heldout_batches=1, **kw))
+    if args.figures:
+        from editkit import plots
+
+        fkw = dict(methods=["MEMIT", "EMMET"], layers=L, protocol="reference", dataset="counterfact", n=n)
+        cap = plots.caption(args.model, **{k: fkw[k] for k in ("layers", "protocol", "dataset", "n")})
+        fig = plots.batch_sweep(frame, title=f"Batch editing, {args.model}, {n} real CounterFact facts "
+                                             f"({n / lm.d_in(L):.2f} of the MLP width)", caption=cap)
+        _save_figure(args, fig, plots.figure_name("batch_editing", args.model, batch_sizes=sorted(sizes), **fkw))
+        fig = plots.reg_sweep(lam, title=f"Effect of λ at a batch of {big}, {args.model}", caption=cap)
+        _save_figure(args, fig, plots.figure_name("batch_editing_lambda", args.model, batch_sizes=big, **fkw))
 
     def table(f: pd.DataFrame) -> list[dict]:
         post = f[f.phase == "post"]
@@ -285,19 +418,21 @@ def stage_batch(lm, args, out: Path) -> dict:
     per_case = (frame[frame.phase == "post"].groupby(["method", "reg", "batch_size", "case_id", "kind"])["success"]
                 .mean().unstack("kind").round(4).reset_index()) if "success" in frame.columns else None
     summary = {"n_records": n, "layer": L, "batch_sizes": sorted(sizes), "regs": args.regs,
-               "case_ids": [r.case_id for r in recs], "seconds_batch_this_session": t_batch,
-               "seconds_lambda_this_session": t_lam,
+               "case_ids": [r.case_id for r in recs], "run_batch": meta_batch, "run_lambda": meta_lam,
                "unedited": {**_scores_by(pre.assign(g=0), ["g"])[0], "perplexity": float(pre["perplexity"].iloc[0])},
                "batch": table(frame), "lambda": table(lam)}
     if per_case is not None:
-        (out / f"per-case-{tag}.csv").write_text(per_case.to_csv(index=False))
+        (out / f"per-case-batch-{tag}.csv").write_text(per_case.to_csv(index=False))
     return summary
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--stage", choices=["trace", "c0", "sweep", "batch", "pack-values"], required=True)
+    p.add_argument("--stage", choices=["trace", "c0", "sweep", "batch", "sequential", "pack-values"], required=True)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the stage's figures into figures/ (--no-figures where matplotlib/seaborn are missing)")
     p.add_argument("--data", default=default_data(),
                    help="a local CounterFact JSON (official, multi-counterfact or EasyEdit layout); default $EDITKIT_DATA")
     p.add_argument("--layer", type=int, default=4)
@@ -309,10 +444,16 @@ def main(argv=None) -> None:
                         "layer, which in a 30-layer model moves P(true) by < 0.01 anywhere but layer 0)")
     p.add_argument("--n-c0", type=int, default=5)
     p.add_argument("--n-sweep", type=int, default=20)
+    p.add_argument("--sweep-methods", nargs="+", default=["ROME", "MEMIT"])
+    p.add_argument("--sweep-chunk", type=int, default=16, help="facts per run-store unit of the sweep")
     p.add_argument("--v-steps", type=int, default=20)
     p.add_argument("--n-batch", type=int, default=512, help="facts of the batch stage (512 = 1/3 of SmolLM2's MLP width)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64, 256, 512])
     p.add_argument("--regs", type=float, nargs="+", default=[1.0, 10.0, 1e2, 1e3, 1e4, 1e5])
+    p.add_argument("--n-seq", type=int, default=512, help="facts of the sequential stage")
+    p.add_argument("--seq-memit", type=int, nargs="*", default=[16, 64, 256, 512])
+    p.add_argument("--seq-emmet", type=int, nargs="*", default=[64, 512])
+    p.add_argument("--seq-alphaedit", type=int, nargs="*", default=[64])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.stage != "pack-values" and not args.data:
@@ -331,14 +472,20 @@ def main(argv=None) -> None:
         log.info("packed %d requests' values into %s", n, values_pack(args.model, args.layer))
         return
     t = time.time()
-    lm = ek.load_model(args.model, device="cpu")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    lm = ek.load_model(args.model, device=args.device)
     load_s = time.time() - t
-    summary = {"trace": stage_trace, "c0": stage_c0, "sweep": stage_sweep, "batch": stage_batch}[args.stage](lm, args, out)
+    stages = {"trace": stage_trace, "c0": stage_c0, "sweep": stage_sweep, "batch": stage_batch,
+              "sequential": stage_sequential}
+    summary = stages[args.stage](lm, args, out)
     summary = {"model": args.model, "stage": args.stage, "load_seconds": load_s, "threads": args.threads,
                "args": {k: v for k, v in vars(args).items()}, "result": summary}
     (out / f"summary-{args.stage}.json").write_text(json.dumps(summary, indent=1))
-    if args.stage == "batch":  # the committed copy (scores, intervals, norms, timings; no record text)
-        dest = ROOT / "benchmarks" / "real" / f"{args.model}-batch-L{args.layer}-n{args.n_batch}.json"
+    committed = {"batch": f"batch-L{args.layer}-n{args.n_batch}", "sequential": f"sequential-L{args.layer}-n{args.n_seq}",
+                 "sweep": f"sweep-n{args.n_sweep}"}
+    if args.stage in committed:  # the committed copy (scores, intervals, norms, timings; no record text)
+        dest = ROOT / "benchmarks" / "real" / f"{args.model}-{committed[args.stage]}.json"
         dest.write_text(json.dumps(summary, indent=1))
     log.info("%s", json.dumps(summary, indent=1))
 

@@ -607,5 +607,5 @@ def _write_row(disk, key: tuple, row: tuple) -> None:
     disk.mkdir(parents=True, exist_ok=True)
     path = _row_file(disk, key)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-    save_file({f: t.contiguous() for f, t in zip(_ROW_FIELDS, row)}, str(tmp), metadata={"key_sha256": _key_sha(key)})
+    save_file({f: t.contiguous().cpu() for f, t in zip(_ROW_FIELDS, row)}, str(tmp), metadata={"key_sha256": _key_sha(key)})
     os.replace(tmp, path)

@@ -3,6 +3,7 @@ layer (and the edited block, where its MLP output is simply added to the residua
 per padded batch instead of every step, and ΔW stays what recomputing them gives."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -78,3 +79,36 @@ def test_unchanged_without_the_prefix_cache(lm, monkeypatch):
     ref, _ = _edit(lm, "MEMIT", False, monkeypatch, cache_prefix=False)
     new, calls = _edit(lm, "MEMIT", True, monkeypatch, cache_prefix=False)
     assert (new - ref).norm() <= 1e-6 * ref.norm(), float((new - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("method", ["ROME", "r-ROME", "MEMIT"])
+def test_layer_sweep_optimizes_a_units_values_in_one_batch_with_the_same_scores(method, tmp_path, monkeypatch):
+    """The layer sweep edits each fact alone into the unedited model; its δ are optimized for the
+    whole unit in padded batches (``Editor.prefetch_values``), not once per fact, and every
+    score is what one optimization per fact gives (one thread: the same δ bit for bit)."""
+    from editkit import experiments
+
+    lm = tiny_lm("gpt2", n_layer=3)
+    recs = [ek.EditRequest(r.prompt, r.subject, r.target_new, r.target_true) for r in REQS]
+    kw = dict(layers=[1], n_edits=3, chunk=3, editor_kwargs=dict(v_steps=4, **FAST), progress=False)
+    sizes = []
+    real = V.optimize_values
+
+    def counted(lm_, requests, *a, **k):
+        sizes.append(len(requests))
+        return real(lm_, requests, *a, **k)
+
+    monkeypatch.setattr(V, "optimize_values", counted)
+    batched = experiments.layer_sweep(lm, recs, [method], root=tmp_path / "a", **kw)
+    assert sizes == [3]  # one padded batch for the unit's three facts
+    lm.cache.pop("_values_memo", None)
+    sizes.clear()
+    monkeypatch.setattr(ek.Editor, "prefetch_values", lambda self, lm, requests, progress=False: None)
+    alone = experiments.layer_sweep(lm, recs, [method], root=tmp_path / "b", **kw)
+    assert sizes == [1, 1, 1]
+    cols = ["case_id", "kind", "phase", "layer", "p_new", "p_true", "success"]
+    cols = [c for c in cols if c in batched.columns]
+    key = [c for c in ("phase", "case_id", "kind") if c in batched.columns]
+    a = batched[cols].sort_values(key, kind="stable").reset_index(drop=True)
+    b = alone[cols].sort_values(key, kind="stable").reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6)

@@ -368,15 +368,31 @@ class Editor:
     def load_sequential_state(self, lm: LanguageModel, tensors: dict[str, torch.Tensor]) -> None:
         """Replace that state by ``tensors`` (``{}``: the state of a model without such edits)."""
 
+    def _value_settings(self, lm: LanguageModel, layers: list[int]) -> tuple[int, list[str], ValueConfig]:
+        """Where and how δ is optimized: the top edited layer, the context prefixes and the
+        value settings under this editor's protocol (site: where δ and its reference h live)."""
+        site = conventions(self.protocol).rome_site if self.rome_conventions else "block"
+        return layers[-1], self.context(lm), dataclasses.replace(self.values, conventions=self.protocol, site=site)
+
+    def prefetch_values(self, lm: LanguageModel, requests: Sequence[EditRequest | Any], progress: bool = False) -> None:
+        """Optimize the δ of ``requests`` on the model as it is now, in padded batches, into the
+        values memo, so that ``apply`` of any of them to this model state reuses it. Why: a runner
+        that edits many facts one at a time into the same unedited model (the layer sweep) would
+        otherwise run one unbatched optimization per fact, about as slow per fact on a GPU as on
+        a CPU; the δ are the same (requests are independent, see :mod:`editkit.values`)."""
+        reqs = _as_requests(requests)
+        if reqs:
+            top, prefixes, values = self._value_settings(lm, sorted(self.layers))
+            with lm.eval_mode():
+                memoized_values(lm, reqs, top, prefixes, values, progress=progress)
+
     def _apply_group(self, lm: LanguageModel, reqs: list[EditRequest], layers: list[int],
                      C0: dict[int, torch.Tensor | C0Factor], edit: Edit, progress: bool) -> None:
         diag = edit.diagnostics
         conv = conventions(self.protocol)
-        prefixes = self.context(lm)
-        site = conv.rome_site if self.rome_conventions else "block"  # where δ and its reference vector h live
-        top = layers[-1]
+        top, prefixes, values = self._value_settings(lm, layers)
+        site = values.site
         t0 = time.perf_counter()
-        values = dataclasses.replace(self.values, conventions=self.protocol, site=site)
         val = memoized_values(lm, reqs, top, prefixes, values, progress=progress)  # each δ once per model state
         diag.setdefault("nll_init", []).extend(val.nll_init.tolist())
         diag.setdefault("nll_final", []).extend(val.nll_final.tolist())

@@ -61,6 +61,7 @@ def _layer_pre(lm: LanguageModel, store: RunStore, recs: list, eval_batch_size: 
 def _layer_post(lm: LanguageModel, store: RunStore, editor: Editor, m: str, l: int, recs: list,
                 eval_batch_size: int, *, on_output: Callable | None = None) -> pd.DataFrame:
     frames = []
+    editor.prefetch_values(lm, recs)  # every fact's δ in padded batches, not one optimization per fact
     for r in recs:
         with editor.applied(lm, [r], progress=False) as edit:
             frames.append(common._evaluate(lm, [r], eval_batch_size, phase="post", method=m, layer=l,
