@@ -85,7 +85,7 @@ def test_unchanged_without_the_prefix_cache(lm, monkeypatch):
 def test_layer_sweep_optimizes_a_units_values_in_one_batch_with_the_same_scores(method, tmp_path, monkeypatch):
     """The layer sweep edits each fact alone into the unedited model; its δ are optimized for the
     whole unit in padded batches (``Editor.prefetch_values``), not once per fact, and every
-    score is what one optimization per fact gives (one thread: the same δ bit for bit)."""
+    score is what one optimization per fact gives (the same δ up to rounding)."""
     from editkit import experiments
 
     lm = tiny_lm("gpt2", n_layer=3)
