@@ -278,7 +278,10 @@ def stage_sequential(lm, args, out: Path) -> dict:
     summary = {"n_records": n, "layer": L, "plan": dict(plan), "runs": metas, "case_ids": [r.case_id for r in recs],
                "unedited": {**_scores_by(frame[frame["phase"] == "pre"].assign(g=0), ["g"])[0],
                             "perplexity": float(base["perplexity"].iloc[0])},
-               "final": rows, "checkpoints": checkpoints}
+               "final": rows, "checkpoints": checkpoints,
+               "paired_vs_one_batch": {f"{m} {n // b}x{b} minus 1x{n}": _paired(final[(final.method == m) & (final.batch_size == b)],
+                                                                                 final[(final.method == m) & (final.batch_size == n)])
+                                       for m, sizes in plan if n in sizes for b in sizes if b != n}}
     if args.figures:
         from editkit import plots
 
@@ -297,6 +300,36 @@ def stage_sequential(lm, args, out: Path) -> dict:
                 _save_figure(args, fig, plots.figure_name("sequential_methods", args.model, methods=ms,
                                                           batch_sizes=bs, **kw))
     return summary
+
+
+def _paired(a: "pd.DataFrame", b: "pd.DataFrame", n_boot: int = 2000, seed: int = 0) -> dict:
+    """a − b in percent points, for ES, PS, NS and S, with a paired bootstrap 95% interval: the
+    same facts scored two ways are resampled together (fact by fact), which separates two
+    settings that unpaired intervals, each as wide as the spread between facts, cannot."""
+    import numpy as np
+
+    def per_fact(f):
+        return f.groupby(["case_id", "kind"])["success"].mean().unstack("kind")
+
+    A, B = per_fact(a), per_fact(b)
+    ids = sorted(set(A.index) & set(B.index))
+    cols = {"ES": "rewrite", "PS": "paraphrase", "NS": "neighborhood"}
+    xa = np.stack([A.loc[ids, c].to_numpy(float) for c in cols.values()])
+    xb = np.stack([B.loc[ids, c].to_numpy(float) for c in cols.values()])
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([np.arange(len(ids))[None], rng.integers(0, len(ids), (n_boot, len(ids)))])
+
+    def scores(x):
+        m = x[:, idx].mean(axis=2)  # (3, 1 + n_boot)
+        return np.vstack([m, 3 / (1 / np.maximum(m, 1e-12)).sum(axis=0)])
+
+    d = 100 * (scores(xa) - scores(xb))
+    out = {}
+    for k, row in zip([*cols, "S"], d):
+        lo, hi = np.percentile(row[1:], [2.5, 97.5])
+        out[k] = [round(float(row[0]), 2), round(float(lo), 2), round(float(hi), 2)]
+    out["n"] = len(ids)
+    return out
 
 
 def _scores_by(frame, by: list[str]) -> list[dict]:
@@ -415,12 +448,19 @@ def stage_batch(lm, args, out: Path) -> dict:
         return scores
 
     pre = frame[frame.phase == "pre"]
+    post = frame[frame.phase == "post"]
     per_case = (frame[frame.phase == "post"].groupby(["method", "reg", "batch_size", "case_id", "kind"])["success"]
                 .mean().unstack("kind").round(4).reset_index()) if "success" in frame.columns else None
     summary = {"n_records": n, "layer": L, "batch_sizes": sorted(sizes), "regs": args.regs,
                "case_ids": [r.case_id for r in recs], "run_batch": meta_batch, "run_lambda": meta_lam,
                "unedited": {**_scores_by(pre.assign(g=0), ["g"])[0], "perplexity": float(pre["perplexity"].iloc[0])},
-               "batch": table(frame), "lambda": table(lam)}
+               "batch": table(frame), "lambda": table(lam),
+               "paired_b16_minus_b512": {m: _paired(post[(post.method == m) & (post.batch_size == 16)],
+                                                    post[(post.method == m) & (post.batch_size == big)])
+                                         for m in ("MEMIT", "EMMET") if 16 in sizes},
+               "paired_EMMET_minus_MEMIT": {int(b): _paired(post[(post.method == "EMMET") & (post.batch_size == b)],
+                                                            post[(post.method == "MEMIT") & (post.batch_size == b)])
+                                            for b in sizes}}
     if per_case is not None:
         (out / f"per-case-batch-{tag}.csv").write_text(per_case.to_csv(index=False))
     return summary
