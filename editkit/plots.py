@@ -368,10 +368,11 @@ def sequential_methods(frame: pd.DataFrame, batch_size: int | None = None, phase
     grey and dotted. One figure per batch size (all of them in one figure made 12 panels
     too small to read); ``batch_size`` may be omitted when the frame has only one.
 
-    A method that was run at a single batch size while others were run at several
-    is drawn dashed and named "(one at a time)": ROME, r-ROME and unified-ROME apply the facts of a
-    batch one after another, so their sequence of weights does not depend on the batch
-    size and one run serves every batch size.
+    ROME, r-ROME and unified-ROME (``Editor.one_at_a_time``), run at a single batch size while
+    others were run at several, are drawn dashed in every figure and named "(one at a time)":
+    they apply the facts of a batch one after another, so their sequence of weights does not
+    depend on the batch size and one run serves every batch size. Any other method is drawn
+    only in the figures of the batch sizes it was run at (AlphaEdit at 64: the batch-64 figure).
     """
     rows = frame[frame["method"] != "none"]
     sizes_by_method = rows.groupby("method")["batch_size"].unique()
@@ -383,7 +384,7 @@ def sequential_methods(frame: pd.DataFrame, batch_size: int | None = None, phase
     if batch_size not in sizes:
         raise ValueError(f"batch_size={batch_size}: the frame has batch sizes {sizes}")
     methods = list(dict.fromkeys(rows["method"]))
-    shared = {m for m, bs in sizes_by_method.items() if len(bs) == 1 and len(sizes) > 1}
+    shared = {m for m, bs in sizes_by_method.items() if len(bs) == 1 and len(sizes) > 1 and _one_at_a_time(m)}
     methods = [m for m in methods if m in shared or batch_size in sizes_by_method[m]]
     colors = _colors(methods)
     s = summary(rows[rows["phase"] == phase], ["method", "batch_size", "edits_so_far"], n_boot)
@@ -432,6 +433,15 @@ def sequential_methods(frame: pd.DataFrame, batch_size: int | None = None, phase
     _readable(fig, axes)
     _legend_off_data(fig, axes, spare, title="method", handles=list(handles.values()))
     return fig
+
+
+def _one_at_a_time(method: str) -> bool:
+    """Whether the registered method applies a batch's facts one after another (ROME, r-ROME,
+    unified-ROME), so its one sequence serves every batch size; an unknown name: no."""
+    from .editors.registry import METHODS
+
+    cls = METHODS.get(str(method).split(" ")[0])
+    return bool(cls is not None and cls.one_at_a_time)
 
 
 def trace_heatmap(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> plt.Figure:

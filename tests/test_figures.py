@@ -119,3 +119,15 @@ def test_saving_the_same_figure_twice_gives_the_same_bytes(tmp_path):
         digests.append({p: hashlib.sha256((tmp_path / out / p).read_bytes()).hexdigest() for p in ("fig.png", "fig.pdf")})
     assert digests[0] == digests[1]
     assert b"CreationDate" not in (tmp_path / "a" / "fig.pdf").read_bytes()
+
+
+def test_a_batched_method_run_at_one_size_is_not_called_one_at_a_time():
+    """AlphaEdit run only at batch 4 (MEMIT at 2 and 4) is a batched method: drawn solid under its
+    own name in the batch-4 figure and absent from the batch-2 one; only ROME and its kin, which
+    apply a batch's facts one after another, are drawn "(one at a time)" in every figure."""
+    frame = sequential_frame()
+    frame = frame[~((frame["method"] == "AlphaEdit") & (frame["batch_size"] == 2))]
+    labels = {t.get_text() for t in plots.sequential_methods(frame, batch_size=4).legends[0].get_texts()}
+    assert {"MEMIT", "AlphaEdit", "r-ROME (one at a time)"} <= labels and "AlphaEdit (one at a time)" not in labels
+    labels = {t.get_text() for t in plots.sequential_methods(frame, batch_size=2).legends[0].get_texts()}
+    assert "MEMIT" in labels and not any(lab.startswith("AlphaEdit") for lab in labels)

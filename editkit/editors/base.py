@@ -79,6 +79,9 @@ class Editor:
     #: r-ROME's numerator: v* minus the edited module's output at the averaged key k̄ (the key it divides
     #: by), instead of minus its output at the bare prompt, so that the edited module maps k̄ to v*.
     mean_key_residual: ClassVar[bool] = False
+    #: The facts of a batch are applied one after another (ROME and its kin), so a sequence's weights
+    #: do not depend on the batch size: one run serves every batch size (plots.sequential_methods).
+    one_at_a_time: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         layers = self.layers if isinstance(self.layers, (list, tuple, range)) else [self.layers]

@@ -21,6 +21,7 @@ class ROME(Editor):
     aliases: ClassVar[dict[str, str]] = {"layer": "layers"}
     rome_conventions: ClassVar[bool] = True
     original_rome: ClassVar[bool] = True
+    one_at_a_time: ClassVar[bool] = True  # a batch's weights do not depend on the batch size
 
     def __post_init__(self) -> None:
         super().__post_init__()
