@@ -210,7 +210,7 @@ def _device_name() -> str:
 DEVICE = torch.device("cpu")  # set by main() from --device
 
 
-def _save_figure(args, fig, name: str) -> None:
+def _save_figure(fig, name: str) -> None:
     from editkit import plots
 
     plots.save(fig, name, ROOT / "figures")
@@ -237,7 +237,7 @@ def stage_sweep(lm, args, out: Path) -> dict:
         kw = dict(methods=methods, layers=layers, protocol="reference", dataset="counterfact", n=len(recs))
         fig = plots.layer_sweep(frame, title=f"Layer sweep, {args.model}, {len(recs)} real CounterFact facts",
                                 caption=plots.caption(args.model, **kw))
-        _save_figure(args, fig, plots.figure_name("layer_sweep", args.model, **kw))
+        _save_figure(fig, plots.figure_name("layer_sweep", args.model, **kw))
     return summary
 
 
@@ -291,13 +291,13 @@ def stage_sequential(lm, args, out: Path) -> dict:
             for kind, fig in (("sequential_all", plots.sequential(frame, m, phase="all", caption=cap)),
                               ("sequential_batch", plots.sequential(frame, m, phase="batch", caption=cap)),
                               ("sequential_drift", plots.sequential_probes(frame, m, caption=cap))):
-                _save_figure(args, fig, plots.figure_name(kind, args.model, methods=m, **kw))
+                _save_figure(fig, plots.figure_name(kind, args.model, methods=m, **kw))
         if len(plan) > 1:
             kw = dict(layers=L, protocol="reference", dataset="counterfact", n=n)
             for bs in sorted(set(plan[0][1]) & set(b for _, sz in plan[1:] for b in sz)):
                 ms = [m for m, sz in plan if bs in sz]
                 fig = plots.sequential_methods(frame, batch_size=bs, caption=plots.caption(args.model, **kw))
-                _save_figure(args, fig, plots.figure_name("sequential_methods", args.model, methods=ms,
+                _save_figure(fig, plots.figure_name("sequential_methods", args.model, methods=ms,
                                                           batch_sizes=bs, **kw))
     return summary
 
@@ -431,9 +431,9 @@ def stage_batch(lm, args, out: Path) -> dict:
         cap = plots.caption(args.model, **{k: fkw[k] for k in ("layers", "protocol", "dataset", "n")})
         fig = plots.batch_sweep(frame, title=f"Batch editing, {args.model}, {n} real CounterFact facts "
                                              f"({n / lm.d_in(L):.2f} of the MLP width)", caption=cap)
-        _save_figure(args, fig, plots.figure_name("batch_editing", args.model, batch_sizes=sorted(sizes), **fkw))
+        _save_figure(fig, plots.figure_name("batch_editing", args.model, batch_sizes=sorted(sizes), **fkw))
         fig = plots.reg_sweep(lam, title=f"Effect of λ at a batch of {big}, {args.model}", caption=cap)
-        _save_figure(args, fig, plots.figure_name("batch_editing_lambda", args.model, batch_sizes=big, **fkw))
+        _save_figure(fig, plots.figure_name("batch_editing_lambda", args.model, batch_sizes=big, **fkw))
 
     def table(f: pd.DataFrame) -> list[dict]:
         post = f[f.phase == "post"]
