@@ -1,4 +1,4 @@
-"""The effect of each protocol convention on the world model (README's protocol table).
+"""The effect of each protocol convention on the world model (the protocol table in docs/protocols.md).
 
 For MEMIT and EMMET (one batch of 16 facts) and ROME (the same 16 facts, each edited
 alone into the unedited model), edits with protocol="reference", with "editkit", and

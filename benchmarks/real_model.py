@@ -231,6 +231,10 @@ def stage_sweep(lm, args, out: Path) -> dict:
                "case_ids": [r.case_id for r in recs],
                "unedited": _scores_by(frame[frame["phase"] == "pre"].assign(g=0), ["g"])[0],
                "scores": _scores_by(post, ["method", "layer"])}
+    # Every layer against the preset's, the same facts paired: what separates layers when the
+    # unpaired intervals (each as wide as the spread between facts) all overlap.
+    summary["paired_vs_preset_layer"] = _paired_vs_preset_layer(post, args.model)
+    summary["per_case"] = _per_case(post, ["method", "layer"], summary["case_ids"])
     if args.figures:
         from editkit import plots
 
@@ -330,6 +334,34 @@ def _paired(a: "pd.DataFrame", b: "pd.DataFrame", n_boot: int = 2000, seed: int 
         out[k] = [round(float(row[0]), 2), round(float(lo), 2), round(float(hi), 2)]
     out["n"] = len(ids)
     return out
+
+
+def _paired_vs_preset_layer(post: "pd.DataFrame", model: str) -> dict:
+    """Per method of a layer sweep: every other layer minus the layer the model's preset edits
+    (its last, for multi-layer methods), paired over the same facts (:func:`_paired`)."""
+    out = {}
+    for m, rows in post.groupby("method", sort=True):
+        at = int(ek.make_editor(m, None, model).layers[-1])
+        layers = sorted(int(l) for l in rows["layer"].unique())
+        if at in layers:
+            out[m] = {"preset_layer": at, "minus_preset": {
+                l: _paired(rows[rows.layer == l], rows[rows.layer == at]) for l in layers if l != at}}
+    return out
+
+
+def _per_case(post: "pd.DataFrame", by: list[str], case_ids: list) -> list[dict]:
+    """Each fact's success per metric kind (ES/PS/NS, mean over its prompts), per group, in the
+    order of ``case_ids``: what a later reader needs to pair groups over the same facts again."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for key, g in post.groupby(by, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        m = g.groupby(["case_id", "kind"])["success"].mean().unstack("kind").reindex(case_ids)
+        rows.append({**{b: (int(k) if isinstance(k, (int, np.integer)) else k) for b, k in zip(by, key)},
+                     **{kind: [None if pd.isna(x) else round(float(x), 4) for x in m[kind]] for kind in m.columns}})
+    return rows
 
 
 def _scores_by(frame, by: list[str]) -> list[dict]:

@@ -37,7 +37,7 @@ class PrefixSpec:
 
 @dataclass(frozen=True)
 class Conventions:
-    """Every choice the two protocols make differently (see the README's protocol table)."""
+    """Every choice the two protocols make differently (see the protocol table in docs/protocols.md)."""
 
     key_mean: Literal["groups", "flat"]  # MEMIT/EMMET/unified-ROME key: mean of (bare, mean of prefixed) / one flat mean
     rome_key_mean: Literal["groups", "flat"]  # ROME's k*

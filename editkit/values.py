@@ -69,7 +69,7 @@ class ValueConfig:
     # Run the positions before the subject's last token once and reuse their keys/values.
     cache_prefix: bool = True
     # The protocol of the loss conventions, "editkit" or "reference" (or a protocols.Conventions); an
-    # editor sets it from its own ``protocol``. See editkit.protocols and the README's protocol table.
+    # editor sets it from its own ``protocol``. See editkit.protocols and the protocol table in docs/protocols.md.
     conventions: Any = "editkit"
     # Where δ's reference vector h is read (its norm scales the clamp and the decay; v* = h + δ):
     # "block", the residual after the block (MEMIT, EMMET), or "mlp", the MLP output (the reference ROME).

@@ -226,3 +226,41 @@ def test_real_model_stage_frames_are_kept_and_read_back_not_recomputed(tmp_path)
     again, meta2 = real._timed(tmp_path, "batch-x", lambda: pytest.fail("computed again"))
     assert calls == [1] and meta == meta2 and meta["device"]
     pd.testing.assert_frame_equal(first, again)
+
+
+def test_real_model_layer_sweep_pairs_every_layer_with_the_preset_layer():
+    """The sweep's summary separates layers fact by fact: each layer minus the preset's layer,
+    with a paired interval. A layer that wins on every fact must show an interval above 0; a
+    layer equal to the preset's shows exactly 0."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    rows = []
+    for layer, wins in ((8, False), (2, True), (4, False)):  # smollm2-135m's preset edits layer 8
+        for case in range(20):
+            for kind in ("rewrite", "paraphrase", "neighborhood"):
+                rows.append(dict(method="unified-ROME", layer=layer, case_id=case, kind=kind,
+                                 success=bool(wins or kind == "rewrite" or case % 2)))
+    out = real._paired_vs_preset_layer(pd.DataFrame(rows), "smollm2-135m")["unified-ROME"]
+    assert out["preset_layer"] == 8 and sorted(out["minus_preset"]) == [2, 4]
+    assert out["minus_preset"][4]["S"] == [0.0, 0.0, 0.0]
+    d, lo, hi = out["minus_preset"][2]["NS"]
+    assert d == 50.0 and lo > 0 and out["minus_preset"][2]["n"] == 20
+
+
+def test_real_model_layer_sweep_keeps_each_facts_scores_in_case_id_order():
+    """The committed sweep summary holds each fact's success per layer (aligned with ``case_ids``),
+    so the paired comparison can be redone from the summary alone once the run store is gone."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    rows = [dict(method="unified-ROME", layer=layer, case_id=case, kind=kind, success=(case == 3) != (layer == 8))
+            for layer in (2, 8) for case in (5, 3) for kind in ("rewrite", "paraphrase", "paraphrase")]
+    out = real._per_case(pd.DataFrame(rows), ["method", "layer"], [3, 5, 7])
+    assert [(r["method"], r["layer"]) for r in out] == [("unified-ROME", 2), ("unified-ROME", 8)]
+    assert out[0]["rewrite"] == [1.0, 0.0, None] and out[1]["paraphrase"] == [0.0, 1.0, None]
+    assert json.loads(json.dumps(out)) == out

@@ -2,7 +2,7 @@
 
 Nothing below calls editkit's key, value or solver functions: the expected keys, values
 and weight changes follow the conventions of the authors' implementation as listed in
-the README's protocol table (grouped key means, decay β‖δ‖/‖h‖², KL(P_δ ‖ P_0) at the
+the protocol table in docs/protocols.md (grouped key means, decay β‖δ‖/‖h‖², KL(P_δ ‖ P_0) at the
 subject's last token of "{s} is a", stop when the total loss is below the threshold,
 N steps = N − 1 Adam updates, ROME's δ on the MLP output with the k_cur denominator,
 EMMET's λ_E on w·C0), on the miniature world GPT-2 with explicit shared context prefixes
