@@ -300,6 +300,7 @@ def _token_texts(lm, tokens: int, seq: int) -> list[str]:
 def values_worker(a: dict) -> dict:
     """Value optimization of E requests batched, then the first ``loop`` of them one at a time."""
     import editkit as ek
+    from editkit.values import value_chunk
 
     lm = paper_lm(a["dims"], a["n_layer"], a["dtype"], a["seed"])
     reqs = paper_requests(a["E"])
@@ -314,7 +315,7 @@ def values_worker(a: dict) -> dict:
     return {"batched": {**mb, "s_per_edit": mb["s"] / len(reqs)},
             "one_at_a_time": {**ml, "s_per_edit": ml["s"] / len(loop), "requests": len(loop)},
             "max_abs_delta_diff": diff, "d": lm.d_out(layer),
-            "v_chunk": min(len(reqs), cfg.v_batch_size or (32 if lm.device.type == "cpu" else len(reqs)))}
+            "v_chunk": min(len(reqs), value_chunk(cfg, lm.device.type))}
 
 
 def e2e_worker(a: dict) -> dict:

@@ -14,8 +14,10 @@ per-request losses, so each row's gradient is exactly its own request's gradient
 (Adam is element-wise, so the trajectory equals optimizing that request alone).
 A request that reaches ``stop_nll`` is frozen from then on, as it would have
 stopped alone, and dropped from the padded batch once half of it is frozen. On a
-CPU the requests go through in chunks of 32 (``ValueConfig.v_batch_size``), which is
-faster there than one huge padded batch; set ``v_batch_size`` to force another size.
+CPU the requests go through in chunks of 8 (``ValueConfig.v_batch_size``): a padded
+batch's activations outgrow the caches as it grows, and per request a chunk of 8 costs
+0.83x a chunk of 32 on SmolLM2-135M and 0.91x on world-gpt2 (one thread,
+``benchmarks/value_chunk.py``); set ``v_batch_size`` to force another size.
 
 δ enters at the subject's last token, so no position before it can change: those
 positions (the context prefix and the subject's first tokens, about two thirds of
@@ -459,8 +461,9 @@ def _kept(out: Any) -> Any:
 
 
 def value_chunk(cfg: "ValueConfig", device_type: str) -> int:
-    """Requests per padded batch: ``cfg.v_batch_size``, else 32 on a CPU and 64 on an accelerator."""
-    return cfg.v_batch_size or (32 if device_type == "cpu" else 64)
+    """Requests per padded batch: ``cfg.v_batch_size``, else 8 on a CPU (cache-sized; see the module
+    docstring) and 64 on an accelerator (memory-sized)."""
+    return cfg.v_batch_size or (8 if device_type == "cpu" else 64)
 
 
 def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
