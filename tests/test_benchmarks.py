@@ -264,3 +264,22 @@ def test_real_model_layer_sweep_keeps_each_facts_scores_in_case_id_order():
     assert [(r["method"], r["layer"]) for r in out] == [("unified-ROME", 2), ("unified-ROME", 8)]
     assert out[0]["rewrite"] == [1.0, 0.0, None] and out[1]["paraphrase"] == [0.0, 1.0, None]
     assert json.loads(json.dumps(out)) == out
+
+
+def test_vs_authors_stops_values_where_the_authors_code_stops():
+    """Their compute_v / compute_z stop at a total loss below 5e-2 (a constant). world-gpt2's ROME
+    preset stops at 0.002; compared at that threshold editkit's ROME ran ~4x the steps and wrote a
+    ΔW 0.97 (relative) away from theirs. The comparison's editors must stop where theirs do."""
+    spec = importlib.util.spec_from_file_location("vs_authors", ROOT / "benchmarks" / "vs_authors.py")
+    vs = importlib.util.module_from_spec(spec)
+    sys.modules["vs_authors"] = vs  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(vs)
+    finally:
+        sys.modules.pop("vs_authors", None)
+    assert vs.AUTHORS_STOP_NLL == 0.05
+    for method in ("ROME", "MEMIT", "EMMET"):
+        ed = vs.editor_for("world-gpt2", method, None)
+        assert ed.values.stop_nll == 0.05, method
+    assert ek.make_editor("ROME", preset="world-gpt2").values.stop_nll == 0.002  # the preset keeps its own
+    assert vs.editor_for("world-gpt2", "ROME", 7).values.v_steps == 7
