@@ -84,7 +84,10 @@ def caption(model: str, *, layers: Sequence[int] | int | None = None, protocol: 
         parts.append(", ".join(methods))
     if layers is not None:
         ls = [layers] if isinstance(layers, int) else list(layers)
-        parts.append(f"layer {ls[0]}" if len(ls) == 1 else f"layers {_span(ls, 'L')[1:].replace('.', ', ')}")
+        vals = sorted({int(v) for v in ls})
+        contiguous = vals == list(range(vals[0], vals[-1] + 1))
+        parts.append(f"layer {vals[0]}" if len(vals) == 1 else
+                     f"layers {vals[0]}-{vals[-1]}" if contiguous else f"layers {', '.join(map(str, vals))}")
     if protocol:
         parts.append(f"protocol {protocol}")
     if dataset:
@@ -210,7 +213,8 @@ def _band(ax, data: pd.DataFrame, x: str, hue: str | None, colors: dict | None =
 def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS", "S"), n_boot: int = 200,
                 title: str | None = None, caption: str | None = None) -> plt.Figure:
     """x = edited layer, y = score; one panel per metric, one line per method; the
-    best layer (highest S) of each method marked; the unedited model's score (the
+    layer of highest S of each method marked (dashed; faint when another layer's S lies inside
+    its 95% interval, i.e. the sweep does not separate it); the unedited model's score (the
     frame's ``phase == "pre"`` rows) as a grey dotted line; causal-tracing importance (if
     the frame has ``phase == "trace"`` rows) as a last panel. Panels on a grid (2 × 3 with
     the legend in the sixth cell), integer layer ticks. ``caption``: a second title line
@@ -220,14 +224,20 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
     trace = frame[frame["phase"] == "trace"] if "phase" in frame else frame.iloc[:0]
     n = len(metrics) + (1 if len(trace) else 0)
     fig, axes, spare = _panels(n)
-    best = s[s["metric"] == "S"].sort_values("value").groupby("method").tail(1).set_index("method")["layer"]
+    S = s[s["metric"] == "S"]
+    top = S.sort_values("value").groupby("method").tail(1).set_index("method")
+    best = top["layer"]
+    # separated: every other layer's mean S below the best layer's lower bound
+    separated = {m: bool((S[(S.method == m) & (S.layer != row.layer)]["value"] < row.ci_low).all())
+                 for m, row in top.iterrows()}
     colors = _colors(s["method"])
     base = _baseline(frame, n_boot)
     for ax, metric in zip(axes, metrics):
         _band(ax, s[s["metric"] == metric], "layer", "method", colors)
         _unedited_line(ax, base.get(metric))
         for method, layer in best.items():
-            ax.axvline(layer, ls="--", lw=0.8, color=colors[method])
+            ax.axvline(layer, ls="--", lw=0.8, color=colors[method], alpha=1.0 if separated[method] else 0.3,
+                       gid=f"best-layer:{method}:{'separated' if separated[method] else 'not separated'}")
         ax.set_title(METRIC_NAMES.get(metric, metric))
         ax.set_xlabel("edited layer")
         ax.set_ylabel("score (%)")
@@ -239,7 +249,9 @@ def layer_sweep(frame: pd.DataFrame, metrics: Sequence[str] = ("ES", "PS", "NS",
         handles = handles + axes[-1].get_legend_handles_labels()[0]
     _title(fig, title or "Single edits by layer", caption)
     _readable(fig, axes)
-    _legend_off_data(fig, axes, spare, title="method (dashed line: best layer)", handles=handles)
+    marks = ("dashed line: best layer" if all(separated.values()) else
+             "dashed line: highest S; faint: not separated from other layers")
+    _legend_off_data(fig, axes, spare, title=f"method ({marks})", handles=handles)
     return fig
 
 

@@ -131,3 +131,33 @@ def test_a_batched_method_run_at_one_size_is_not_called_one_at_a_time():
     assert {"MEMIT", "AlphaEdit", "r-ROME (one at a time)"} <= labels and "AlphaEdit (one at a time)" not in labels
     labels = {t.get_text() for t in plots.sequential_methods(frame, batch_size=2).legends[0].get_texts()}
     assert "MEMIT" in labels and not any(lab.startswith("AlphaEdit") for lab in labels)
+
+
+def test_captions_list_irregular_layers_in_full():
+    """A figure's name abbreviates 8 irregular layers (L0-20x8); its caption must list them."""
+    cap = plots.caption("smollm2-135m", layers=[0, 2, 4, 6, 8, 12, 16, 20], n=64)
+    assert "layers 0, 2, 4, 6, 8, 12, 16, 20" in cap
+    assert "layers 13-17" in plots.caption("m", layers=range(13, 18))
+
+
+def test_layer_sweep_marks_a_best_layer_only_as_far_as_the_sweep_separates_it():
+    """A 'best layer' line on layers whose intervals overlap would claim a winner the data do not
+    show: the mark is faint and the legend says so; a clearly best layer gets the full mark."""
+    def frame(sep: bool):
+        data = rows("pre", "none", layer=-1, seed=9, n=40)
+        for layer in (0, 1, 2):
+            r = rows("post", "ROME", layer=layer, seed=1, n=40)  # the same scores at every layer...
+            for x in r:
+                if layer == 1 and (sep or x["case_id"] == 0):  # ...but layer 1 wins everywhere / on one fact
+                    x["success"] = True
+            data += r
+        return pd.DataFrame(data)
+
+    def marks(fig):
+        return [l.get_gid() for l in fig.axes[0].get_lines() if (l.get_gid() or "").startswith("best-layer")]
+
+    clear, unclear = plots.layer_sweep(frame(True)), plots.layer_sweep(frame(False))
+    assert marks(clear) == ["best-layer:ROME:separated"]
+    assert marks(unclear) == ["best-layer:ROME:not separated"]
+    legend = " ".join(leg.get_title().get_text() for leg in unclear.legends)
+    assert "not separated" in legend
