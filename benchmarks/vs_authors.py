@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 import io
+import itertools
 import json
 import logging
 import os
@@ -493,7 +494,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each) running the units: "
                    "ROME per model, each batch size per model; each unit's two sides run in one process")
     p.add_argument("--out", default=str(HERE / "vs_authors.json"))
+    p.add_argument("--update", action="store_true", help="keep --out's rows of the models not given in --models "
+                   "(and the record of the run that measured them); replace the given models' rows")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import_authors(args.authors_dir)  # fail early on a wrong directory
     units = []
@@ -507,6 +511,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     units.sort(key=lambda u: (u["model"].startswith("world"), -max(u["batches"], default=0)))  # the longest first
     t0 = time.time()
     rows: list[dict] = []
+    args.kept, args.earlier = [], []
+    if args.update and Path(args.out).is_file():
+        args.kept = [r for r in json.loads(Path(args.out).read_text()) if r["model"] not in args.models]
+        meta_f = Path(args.out).with_suffix(".meta.json")
+        if meta_f.is_file():
+            old = json.loads(meta_f.read_text())
+            # an earlier run stays on record for the models whose rows are kept
+            args.earlier = [{**run, "models": [m for m in run["models"] if m not in args.models]}
+                            for run in old.get("runs", [_run_record(old)])
+                            if set(run["models"]) - set(args.models)]
     if args.jobs <= 1:
         for u in units:
             rows += bench_unit(u)
@@ -527,33 +541,52 @@ def _sorted(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["model"] != "world-gpt2", r["model"], order[r["method"]], r["batch"]))
 
 
+def _run_record(meta: dict) -> dict:
+    """One run's record in ``runs`` (a meta file from before ``runs`` existed is one run; its
+    models are read from its command line)."""
+    rec = {k: meta[k] for k in ("command", "models", "wall_s", "jobs", "machine", "partial") if k in meta}
+    if "models" not in rec:
+        words = rec.get("command", "").split()
+        i = words.index("--models") + 1 if "--models" in words else len(words)
+        rec["models"] = list(itertools.takewhile(lambda w: not w.startswith("--"), words[i:])) or \
+            ["world-gpt2", "smollm2-135m"]
+    return rec
+
+
 def _write(args, rows: list[dict], t0: float, partial: bool) -> None:
-    """The rows to ``--out`` (a JSON list); how they were measured beside it (``*.meta.json``)."""
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    meta = {"patches": PATCHES, "authors_dir": str(Path(args.authors_dir).resolve()),
-           "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "threads": args.threads, "load_average": list(os.getloadavg())},
-           "wall_s": time.time() - t0, "partial": partial, "jobs": args.jobs,
-           "command": "python benchmarks/vs_authors.py " + " ".join(sys.argv[1:])}
+    """The rows to ``--out`` (a JSON list); how they were measured beside it (``*.meta.json``):
+    ``runs`` lists every run whose rows the file holds (``--update`` keeps earlier runs' rows)."""
+    kept = getattr(args, "kept", [])
+    Path(args.out).write_text(json.dumps(_sorted(kept + rows), indent=1) + "\n")
+    this = {"command": "python benchmarks/vs_authors.py " + " ".join(args.argv), "models": list(args.models),
+            "wall_s": time.time() - t0, "jobs": args.jobs, "partial": partial,
+            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                        "threads": args.threads, "load_average": list(os.getloadavg())}}
+    runs = [*getattr(args, "earlier", []), this]
+    meta = {"patches": PATCHES, "authors_dir": str(Path(args.authors_dir).resolve()), "runs": runs,
+            "partial": partial, **{k: this[k] for k in ("machine", "wall_s", "jobs", "command")}}
     Path(args.out).with_suffix(".meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     if not partial and Path(args.out).resolve() == (HERE / "vs_authors.json").resolve():
         from benchmarks.report import update_section
 
-        update_section(HERE / "RESULTS.md", "vs-authors", render(rows, meta))
+        update_section(HERE / "RESULTS.md", "vs-authors", render(_sorted(kept + rows), meta))
 
 
 def render(rows: list[dict], meta: dict) -> str:
     """The RESULTS.md section: one line per row, the patches, how it was run."""
+    runs = meta.get("runs") or [_run_record(meta)]
+    how = "; ".join(f"`{r['command']}` (rows of {', '.join(r['models'])}: one run of "
+                    f"{r['wall_s'] / 60:.0f} min, load average at its end "
+                    f"{[round(x, 1) for x in r['machine']['load_average']]})" for r in runs)
     out = ["## editkit vs the authors' code", "",
-           f"Generated by `benchmarks/vs_authors.py` (`{meta['command']}`) in one run of {meta['wall_s'] / 60:.0f} min; "
+           f"Generated by `benchmarks/vs_authors.py`: {how}; "
            f"rows in `vs_authors.json`. Seconds are CPU seconds of the one-thread process (what an idle core "
            f"would take; the machine is shared). One thread each; the same model object, requests, C0 (plus editkit's ridge) and "
            f"context prefixes; protocol \"reference\"; editkit's value memo emptied before every timed edit, so every "
            f"edit optimizes its values on both sides, each request stopping at a total loss below "
            f"{AUTHORS_STOP_NLL:g} (their code's fixed rule). ROME: single edits into the unedited model. Machine: "
-           f"{meta['machine']['cpu']}, torch {meta['machine']['torch']}; load average at the end "
-           f"{[round(x, 1) for x in meta['machine']['load_average']]} (shared machine: the ratios are measured side by "
-           f"side, each row's two sides back to back).", "",
+           f"{meta['machine']['cpu']}, torch {meta['machine']['torch']} (shared machine: the ratios are measured side "
+           f"by side, each row's two sides back to back).", "",
            "| model | method | batch | value steps | editkit s/edit | authors s/edit | ratio | ‖ΔW_ek − ΔW_au‖/‖ΔW_au‖ |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

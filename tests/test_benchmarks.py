@@ -270,6 +270,16 @@ def test_vs_authors_stops_values_where_the_authors_code_stops():
     """Their compute_v / compute_z stop at a total loss below 5e-2 (a constant). world-gpt2's ROME
     preset stops at 0.002; compared at that threshold editkit's ROME ran ~4x the steps and wrote a
     ΔW 0.97 (relative) away from theirs. The comparison's editors must stop where theirs do."""
+    vs = _vs_authors_module()
+    assert vs.AUTHORS_STOP_NLL == 0.05
+    for method in ("ROME", "MEMIT", "EMMET"):
+        ed = vs.editor_for("world-gpt2", method, None)
+        assert ed.values.stop_nll == 0.05, method
+    assert ek.make_editor("ROME", preset="world-gpt2").values.stop_nll == 0.002  # the preset keeps its own
+    assert vs.editor_for("world-gpt2", "ROME", 7).values.v_steps == 7
+
+
+def _vs_authors_module():
     spec = importlib.util.spec_from_file_location("vs_authors", ROOT / "benchmarks" / "vs_authors.py")
     vs = importlib.util.module_from_spec(spec)
     sys.modules["vs_authors"] = vs  # its dataclasses look their module up
@@ -277,9 +287,33 @@ def test_vs_authors_stops_values_where_the_authors_code_stops():
         spec.loader.exec_module(vs)
     finally:
         sys.modules.pop("vs_authors", None)
-    assert vs.AUTHORS_STOP_NLL == 0.05
-    for method in ("ROME", "MEMIT", "EMMET"):
-        ed = vs.editor_for("world-gpt2", method, None)
-        assert ed.values.stop_nll == 0.05, method
-    assert ek.make_editor("ROME", preset="world-gpt2").values.stop_nll == 0.002  # the preset keeps its own
-    assert vs.editor_for("world-gpt2", "ROME", 7).values.v_steps == 7
+    return vs
+
+
+def test_vs_authors_update_replaces_one_models_rows_and_keeps_the_record_of_both_runs(tmp_path, monkeypatch):
+    """``--update --models world-gpt2`` re-measures the world's rows only: SmolLM2's rows (an hour of
+    CPU) stay, and the meta file says which run measured which rows."""
+    vs = _vs_authors_module()
+    speed = {"v": 2.0}
+
+    def fake_unit(u):
+        return [dict(model=u["model"], method=m, batch=b, edits_timed=b, v_steps=5, editkit_s_per_edit=1.0,
+                     authors_s_per_edit=speed["v"], ratio=speed["v"], delta_w_rel_diff=1e-6)
+                for m in ("MEMIT", "EMMET") for b in u["batches"]]
+
+    monkeypatch.setattr(vs, "import_authors", lambda d: None)
+    monkeypatch.setattr(vs, "bench_unit", fake_unit)
+    out = tmp_path / "rows.json"
+    common = ["--authors-dir", "x", "--no-rome", "--batches", "16", "--out", str(out)]
+    vs.main(common + ["--models", "world-gpt2", "smollm2-135m"])
+    speed["v"] = 3.0
+    vs.main(common + ["--models", "world-gpt2", "--update"])
+    rows = json.loads(out.read_text())
+    assert {(r["model"], r["ratio"]) for r in rows} == {("world-gpt2", 3.0), ("smollm2-135m", 2.0)}
+    assert len(rows) == 4
+    meta = json.loads(out.with_suffix(".meta.json").read_text())
+    assert [r["models"] for r in meta["runs"]] == [["smollm2-135m"], ["world-gpt2"]]
+    text = vs.render(rows, meta)
+    assert text.count("benchmarks/vs_authors.py --authors-dir") == 2 and "rows of smollm2-135m" in text
+    vs.main(common + ["--models", "world-gpt2"])  # without --update: the file holds this run only
+    assert {r["model"] for r in json.loads(out.read_text())} == {"world-gpt2"}
