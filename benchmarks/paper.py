@@ -315,7 +315,7 @@ def values_worker(a: dict) -> dict:
     return {"batched": {**mb, "s_per_edit": mb["s"] / len(reqs)},
             "one_at_a_time": {**ml, "s_per_edit": ml["s"] / len(loop), "requests": len(loop)},
             "max_abs_delta_diff": diff, "d": lm.d_out(layer),
-            "v_chunk": min(len(reqs), value_chunk(cfg, lm.device.type))}
+            "v_chunk": min(len(reqs), value_chunk(cfg, lm.device.type, lm.d_out(layer)))}
 
 
 def e2e_worker(a: dict) -> dict:

@@ -14,10 +14,10 @@ per-request losses, so each row's gradient is exactly its own request's gradient
 (Adam is element-wise, so the trajectory equals optimizing that request alone).
 A request that reaches ``stop_nll`` is frozen from then on, as it would have
 stopped alone, and dropped from the padded batch once half of it is frozen. On a
-CPU the requests go through in chunks of 8 (``ValueConfig.v_batch_size``): a padded
-batch's activations outgrow the caches as it grows, and per request a chunk of 8 costs
-0.83x a chunk of 32 on SmolLM2-135M and 0.91x on world-gpt2 (one thread,
-``benchmarks/value_chunk.py``); set ``v_batch_size`` to force another size.
+CPU the requests go through in chunks sized to the model's width (:func:`value_chunk`):
+a padded batch's activations outgrow the caches as it grows, while on a narrow model a
+small batch pays the call overhead it was meant to spread. Set ``v_batch_size`` to force
+another size.
 
 δ enters at the subject's last token, so no position before it can change: those
 positions (the context prefix and the subject's first tokens, about two thirds of
@@ -460,10 +460,22 @@ def _kept(out: Any) -> Any:
     return None
 
 
-def value_chunk(cfg: "ValueConfig", device_type: str) -> int:
-    """Requests per padded batch: ``cfg.v_batch_size``, else 8 on a CPU (cache-sized; see the module
-    docstring) and 64 on an accelerator (memory-sized)."""
-    return cfg.v_batch_size or (8 if device_type == "cpu" else 64)
+#: On a CPU, requests per padded batch × the residual width: the chunk holds about this many
+#: activations per token position (the chunk is clamped to 8...32 requests).
+CPU_CHUNK_WIDTH = 2048
+
+
+def value_chunk(cfg: "ValueConfig", device_type: str, width: int) -> int:
+    """Requests per padded batch: ``cfg.v_batch_size``, else 64 on an accelerator (memory-sized)
+    and on a CPU ``CPU_CHUNK_WIDTH // width`` clamped to 8...32 (cache-sized; ``width`` is the
+    residual width). Measured with the presets' own stopping (``benchmarks/value_chunk.py``, one
+    thread, per request against a chunk of 32): SmolLM2-135M (width 576) 0.83x at 8, 1.0x at 16;
+    world-gpt2 (width 128) 0.98x at 16 and 1.09x at 8, where each call's fixed cost weighs more."""
+    if cfg.v_batch_size:
+        return cfg.v_batch_size
+    if device_type != "cpu":
+        return 64
+    return max(8, min(32, CPU_CHUNK_WIDTH // max(int(width), 1)))
 
 
 def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: int,
@@ -478,7 +490,7 @@ def optimize_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
 
     cfg = cfg or ValueConfig()
     E = len(requests)
-    chunk = value_chunk(cfg, lm.device.type)
+    chunk = value_chunk(cfg, lm.device.type, lm.d_out(layer))
     if E > chunk:  # requests are independent: chunks give the same δ as one batch
         parts = [optimize_values(lm, requests[i:i + chunk], layer, prefixes, cfg, progress)
                  for i in range(0, E, chunk)]
@@ -538,7 +550,7 @@ def memoized_values(lm: LanguageModel, requests: Sequence[EditRequest], layer: i
         index = {k: i for i, k in enumerate(keys)}
         # with a disk memo, one padded chunk at a time, each written as it finishes: an
         # interrupted pass keeps its finished chunks (chunks give the same δ: requests are independent)
-        step = len(todo) if disk is None else value_chunk(cfg, lm.device.type)
+        step = len(todo) if disk is None else value_chunk(cfg, lm.device.type, lm.d_out(layer))
         for c in range(0, len(todo), step):
             part = todo[c:c + step]
             fresh = optimize_values(lm, [requests[index[k]] for k in part], layer, prefixes, cfg, progress)

@@ -163,10 +163,11 @@ def test_cached_factor_editor_matches_the_direct_solve(method):
 
 def test_values_run_in_chunks_that_fit_a_gpu_by_default():
     """All 4096 values of a Llama-3-8B edit in one batch need ~450 GiB (README memory budget):
-    an accelerator gets chunks of 64 unless v_batch_size says otherwise. A CPU gets chunks of 8:
-    per request they cost 0.83x chunks of 32 on SmolLM2-135M (benchmarks/value_chunk.py)."""
+    an accelerator gets chunks of 64 unless v_batch_size says otherwise. A CPU gets chunks sized to
+    the width (benchmarks/value_chunk.py, per request): 8 on SmolLM2-135M (width 576), cheaper there
+    than 16 or the former fixed 32; 16 on world-gpt2 (width 128), where 8 pays more call overhead."""
     from editkit.values import ValueConfig, value_chunk
 
-    assert value_chunk(ValueConfig(), "cuda") == 64
-    assert value_chunk(ValueConfig(), "cpu") == 8
-    assert value_chunk(ValueConfig(v_batch_size=4096), "cuda") == 4096
+    assert value_chunk(ValueConfig(), "cuda", 4096) == 64
+    assert value_chunk(ValueConfig(), "cpu", 576) == 8 and value_chunk(ValueConfig(), "cpu", 128) == 16
+    assert value_chunk(ValueConfig(v_batch_size=4096), "cuda", 4096) == 4096
