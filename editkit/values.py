@@ -468,9 +468,10 @@ CPU_CHUNK_WIDTH = 2048
 def value_chunk(cfg: "ValueConfig", device_type: str, width: int) -> int:
     """Requests per padded batch: ``cfg.v_batch_size``, else 64 on an accelerator (memory-sized)
     and on a CPU ``CPU_CHUNK_WIDTH // width`` clamped to 8...32 (cache-sized; ``width`` is the
-    residual width). Measured with the presets' own stopping (``benchmarks/value_chunk.py``, one
-    thread, per request against a chunk of 32): SmolLM2-135M (width 576) 0.83x at 8, 1.0x at 16;
-    world-gpt2 (width 128) 0.98x at 16 and 1.09x at 8, where each call's fixed cost weighs more."""
+    residual width). Why (``benchmarks/value_chunk.py``, one thread, per request): a chunk of 32
+    costs 1.07-1.10x a chunk of 8 on SmolLM2-135M (width 576) and 1.04-1.13x a chunk of 16 on
+    world-gpt2 (width 128), since wide padded batches fall out of the cache; 8 and 16 are equal
+    within the run-to-run noise, so the narrow model takes the larger chunk (fewer calls)."""
     if cfg.v_batch_size:
         return cfg.v_batch_size
     if device_type != "cpu":

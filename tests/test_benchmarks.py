@@ -317,3 +317,21 @@ def test_vs_authors_update_replaces_one_models_rows_and_keeps_the_record_of_both
     assert text.count("benchmarks/vs_authors.py --authors-dir") == 2 and "rows of smollm2-135m" in text
     vs.main(common + ["--models", "world-gpt2"])  # without --update: the file holds this run only
     assert {r["model"] for r in json.loads(out.read_text())} == {"world-gpt2"}
+
+
+def test_value_chunk_measuring_one_model_keeps_the_others_rows_and_commands():
+    """Re-measuring world-gpt2 alone (a quiet 2-minute run) must not drop SmolLM2's rows (an
+    expensive run) nor the command that measured them; a file written by one command reads too."""
+    spec = importlib.util.spec_from_file_location("value_chunk_bench", ROOT / "benchmarks" / "value_chunk.py")
+    vc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vc)
+    old = {"command": "python benchmarks/value_chunk.py", "rows": [
+        {"model": "world-gpt2", "chunk": 8, "s_per_request": 9.0},
+        {"model": "smollm2-135m", "chunk": 8, "s_per_request": 3.0}]}
+    new = [{"model": "world-gpt2", "chunk": 8, "s_per_request": 1.0}]
+    merged = vc.merge(old, new, ["world-gpt2"], "python benchmarks/value_chunk.py --models world-gpt2")
+    assert {(r["model"], r["s_per_request"]) for r in merged["rows"]} == {("world-gpt2", 1.0), ("smollm2-135m", 3.0)}
+    assert merged["commands"] == {"smollm2-135m": "python benchmarks/value_chunk.py",
+                                  "world-gpt2": "python benchmarks/value_chunk.py --models world-gpt2"}
+    again = vc.merge(merged, new, ["smollm2-135m", "world-gpt2"], "all")
+    assert again["commands"] == {"smollm2-135m": "all", "world-gpt2": "all"} and len(again["rows"]) == 1
