@@ -498,6 +498,15 @@ def stage_batch(lm, args, out: Path) -> dict:
     return summary
 
 
+def shareable_args(args: argparse.Namespace) -> dict:
+    """The run's arguments as a committed summary records them: the data file by its name only
+    (its directory is this machine's business, and a summary travels to colleagues)."""
+    out = dict(vars(args))
+    if out.get("data"):
+        out["data"] = Path(out["data"]).name
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -552,7 +561,7 @@ def main(argv=None) -> None:
               "sequential": stage_sequential}
     summary = stages[args.stage](lm, args, out)
     summary = {"model": args.model, "stage": args.stage, "load_seconds": load_s, "threads": args.threads,
-               "args": {k: v for k, v in vars(args).items()}, "result": summary}
+               "args": shareable_args(args), "result": summary}
     (out / f"summary-{args.stage}.json").write_text(json.dumps(summary, indent=1))
     committed = {"batch": f"batch-L{args.layer}-n{args.n_batch}", "sequential": f"sequential-L{args.layer}-n{args.n_seq}",
                  "sweep": f"sweep-n{args.n_sweep}"}

@@ -335,3 +335,20 @@ def test_value_chunk_measuring_one_model_keeps_the_others_rows_and_commands():
                                   "world-gpt2": "python benchmarks/value_chunk.py --models world-gpt2"}
     again = vc.merge(merged, new, ["smollm2-135m", "world-gpt2"], "all")
     assert again["commands"] == {"smollm2-135m": "all", "world-gpt2": "all"} and len(again["rows"]) == 1
+
+
+def test_real_model_summaries_record_the_data_file_by_name_not_by_this_machines_path():
+    """Committed summaries travel to colleagues: they name the CounterFact file, never the
+    directory it sat in here (a summary once carried /work/shared/...)."""
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    args = argparse.Namespace(model="smollm2-135m", data="/somewhere/private/counterfact-easyedit-1000.json", n_sweep=64)
+    assert real.shareable_args(args) == {"model": "smollm2-135m", "data": "counterfact-easyedit-1000.json", "n_sweep": 64}
+    assert args.data.startswith("/somewhere")  # the run itself still reads the full path
+    assert real.shareable_args(argparse.Namespace(data=None)) == {"data": None}
+    for f in (ROOT / "benchmarks" / "real").glob("*.json"):
+        data = json.loads(f.read_text()).get("args", {}).get("data")
+        assert data is None or "/" not in data, f.name
