@@ -95,7 +95,7 @@ def merge(old: dict, rows: list[dict], models: list[str], command: str) -> dict:
     models' rows and the commands that measured them are kept (a file of one command reads too)."""
     kept = [r for r in old.get("rows", []) if r["model"] not in models]
     earlier = old.get("commands") or {r["model"]: old["command"] for r in kept if "command" in old}
-    commands = {m: c for m, c in earlier.items() if m not in models and any(r["model"] == m for r in kept)}
+    commands = {m: c for m, c in earlier.items() if m in {r["model"] for r in kept}}
     return {"commands": {**commands, **{m: command for m in models}}, "rows": kept + rows}
 
 

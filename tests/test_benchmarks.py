@@ -22,6 +22,14 @@ SCRIPT = ROOT / "benchmarks" / "run.py"
 HAVE_METRICS = hasattr(ek, "evaluate") and hasattr(ek, "summarize")
 
 
+def _bench_script(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package's modules)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load_run():
     spec = importlib.util.spec_from_file_location("bench_run", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
@@ -167,9 +175,7 @@ def test_real_model_values_pack_round_trip_feeds_the_memo(tmp_path, monkeypatch)
     from editkit import values as V
     from editkit.testing import tiny_lm
 
-    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
+    real = _bench_script("real_model")
     lm = tiny_lm("gpt2", n_layer=2)
     reqs = [ek.EditRequest("The mother tongue of {} is", s, "French", "English") for s in ("Ada Lovelace", "Alan Turing")]
     cfg = V.ValueConfig(v_steps=2)
@@ -194,9 +200,7 @@ def test_world_gpt2_rome_preset_meets_its_targets_as_measured():
     """The world-gpt2 preset's ROME settings are the ones ``benchmarks/world_presets.py``
     measured on two samples of 200 world facts, and there they met ES ≥ .98, PS ≥ .85,
     NS ≥ .95. A preset changed without measuring it again has no matching rows and fails."""
-    spec = importlib.util.spec_from_file_location("world_presets", ROOT / "benchmarks" / "world_presets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_script("world_presets")
     settings = mod.editor_settings(ek.ROME.preset("world-gpt2"))
     data = json.loads((ROOT / "benchmarks" / "world_presets.json").read_text())
     rows = [r for r in data["rows"] if r["model"] == "world-gpt2" and r["method"] == "ROME"
@@ -213,9 +217,7 @@ def test_real_model_stage_frames_are_kept_and_read_back_not_recomputed(tmp_path)
     instead of computing again, so its summary and figures are drawn from that run."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
+    real = _bench_script("real_model")
     calls = []
 
     def compute():
@@ -234,9 +236,7 @@ def test_real_model_layer_sweep_pairs_every_layer_with_the_preset_layer():
     layer equal to the preset's shows exactly 0."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
+    real = _bench_script("real_model")
     rows = []
     for layer, wins in ((8, False), (2, True), (4, False)):  # smollm2-135m's preset edits layer 8
         for case in range(20):
@@ -255,9 +255,7 @@ def test_real_model_layer_sweep_keeps_each_facts_scores_in_case_id_order():
     so the paired comparison can be redone from the summary alone once the run store is gone."""
     import pandas as pd
 
-    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
+    real = _bench_script("real_model")
     rows = [dict(method="unified-ROME", layer=layer, case_id=case, kind=kind, success=(case == 3) != (layer == 8))
             for layer in (2, 8) for case in (5, 3) for kind in ("rewrite", "paraphrase", "paraphrase")]
     out = real._per_case(pd.DataFrame(rows), ["method", "layer"], [3, 5, 7])
@@ -322,9 +320,7 @@ def test_vs_authors_update_replaces_one_models_rows_and_keeps_the_record_of_both
 def test_value_chunk_measuring_one_model_keeps_the_others_rows_and_commands():
     """Re-measuring world-gpt2 alone (a quiet 2-minute run) must not drop SmolLM2's rows (an
     expensive run) nor the command that measured them; a file written by one command reads too."""
-    spec = importlib.util.spec_from_file_location("value_chunk_bench", ROOT / "benchmarks" / "value_chunk.py")
-    vc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vc)
+    vc = _bench_script("value_chunk")
     old = {"command": "python benchmarks/value_chunk.py", "rows": [
         {"model": "world-gpt2", "chunk": 8, "s_per_request": 9.0},
         {"model": "smollm2-135m", "chunk": 8, "s_per_request": 3.0}]}
@@ -342,9 +338,7 @@ def test_real_model_summaries_record_the_data_file_by_name_not_by_this_machines_
     directory it sat in here (a summary once carried /work/shared/...)."""
     import argparse
 
-    spec = importlib.util.spec_from_file_location("real_model", ROOT / "benchmarks" / "real_model.py")
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
+    real = _bench_script("real_model")
     args = argparse.Namespace(model="smollm2-135m", data="/somewhere/private/counterfact-easyedit-1000.json", n_sweep=64)
     assert real.shareable_args(args) == {"model": "smollm2-135m", "data": "counterfact-easyedit-1000.json", "n_sweep": 64}
     assert args.data.startswith("/somewhere")  # the run itself still reads the full path
